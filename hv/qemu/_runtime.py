@@ -1,0 +1,209 @@
+"""The per-node runtime directory: what each QEMU was started with, and its process.
+
+Layout (dirs 0700, files 0600)::
+
+    RUN_DIR/instances/NAME/runtime.json   the instance's runtime description
+    RUN_DIR/instances/NAME/pid            QEMU's pidfile
+    RUN_DIR/instances/NAME/qmp.sock       the QMP socket (one client at a time)
+    RUN_DIR/instances/NAME/console.sock   the serial console socket
+
+A restarted agent re-finds its instances from these files; a process is ours
+only if ``/proc/PID/cmdline`` names our pidfile (guard against pid reuse).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from .._objects import BeParams, Disk, Nic
+from ..errors import HypervisorError
+
+_INSTANCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+RUNTIME_FILE = "runtime.json"
+PID_FILE = "pid"
+QMP_SOCKET = "qmp.sock"
+CONSOLE_SOCKET = "console.sock"
+
+
+class HotDevice(msgspec.Struct, kw_only=True):
+    """A hotplugged device, kept so a migration target is started with it."""
+
+    kind: str  # "nic" | "disk"
+    device_id: str
+    backend_id: str
+    backend_option: str  # "-netdev" | "-blockdev"
+    backend: dict[str, Any]
+    device: dict[str, Any]
+
+
+class Runtime(msgspec.Struct, kw_only=True):
+    """What an instance was started with (the target of a migration gets the same)."""
+
+    name: str
+    uuid: str = ""
+    hvparams: dict[str, Any]
+    beparams: BeParams
+    nics: list[Nic] = msgspec.field(default_factory=list)
+    disks: list[Disk] = msgspec.field(default_factory=list)
+    taps: list[str | None] = msgspec.field(default_factory=list)
+    hotplugged: list[HotDevice] = msgspec.field(default_factory=list)
+    accel: str = "tcg"
+    qemu_version: str = ""
+    argv: list[str] = msgspec.field(default_factory=list)
+    incoming_port: int | None = None
+    startup_paused: bool = False
+    paused_for_migration: bool = False
+
+
+class MigrationInfo(msgspec.Struct, kw_only=True):
+    """What ``migration_info`` hands to the target node (JSON)."""
+
+    name: str
+    uuid: str = ""
+    hvparams: dict[str, Any]
+    beparams: BeParams
+    nics: list[Nic] = msgspec.field(default_factory=list)
+    disks: list[Disk] = msgspec.field(default_factory=list)
+    hotplugged: list[HotDevice] = msgspec.field(default_factory=list)
+    qemu_version: str = ""
+
+
+def check_instance_name(name: Any) -> str:
+    if not isinstance(name, str) or not _INSTANCE_NAME.match(name):
+        raise HypervisorError(
+            f"invalid instance name {name!r}: 1-63 characters of letters, digits, '.', '_', '-', starting alphanumeric"
+        )
+    return name
+
+
+class RunDir:
+    """The node's runtime directory."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).absolute()
+        self.instances = self.root / "instances"
+        for d in (self.root, self.instances):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(d, 0o700)
+
+    def dir(self, name: str) -> Path:
+        return self.instances / check_instance_name(name)
+
+    def pidfile(self, name: str) -> Path:
+        return self.dir(name) / PID_FILE
+
+    def qmp_socket(self, name: str) -> Path:
+        return self.dir(name) / QMP_SOCKET
+
+    def console_socket(self, name: str) -> Path:
+        return self.dir(name) / CONSOLE_SOCKET
+
+    def names(self) -> list[str]:
+        try:
+            entries = sorted(os.listdir(self.instances))
+        except FileNotFoundError:
+            return []
+        return [n for n in entries if _INSTANCE_NAME.match(n) and (self.instances / n).is_dir()]
+
+    def prepare(self, name: str) -> Path:
+        """An empty instance directory (leftovers removed)."""
+        d = self.dir(name)
+        if d.exists():
+            shutil.rmtree(d)
+        d.mkdir(mode=0o700)
+        return d
+
+    def remove(self, name: str) -> None:
+        shutil.rmtree(self.dir(name), ignore_errors=True)
+
+    def write_runtime(self, rt: Runtime) -> None:
+        """Atomic, 0600."""
+        path = self.dir(rt.name) / RUNTIME_FILE
+        tmp = path.with_name(RUNTIME_FILE + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(msgspec.json.encode(rt))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+    def read_runtime(self, name: str) -> Runtime | None:
+        path = self.dir(name) / RUNTIME_FILE
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            return msgspec.json.decode(data, type=Runtime)
+        except msgspec.DecodeError as err:
+            raise HypervisorError(f"corrupt runtime description {path}: {err}") from err
+
+    def pid(self, name: str) -> int | None:
+        """The live QEMU process of ``name``, or None."""
+        pidfile = self.pidfile(name)
+        try:
+            text = pidfile.read_text().strip()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if not text.isdigit():
+            return None
+        pid = int(text)
+        return pid if process_is_ours(pid, str(pidfile)) else None
+
+
+def process_is_ours(pid: int, pidfile: str) -> bool:
+    """True if ``pid`` is alive (not a zombie) and was started with ``-pidfile PIDFILE``."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            argv = fh.read().split(b"\0")
+    except OSError:
+        return False
+    target = os.fsencode(pidfile)
+    return any(a == b"-pidfile" and b == target for a, b in zip(argv, argv[1:]))
+
+
+def process_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except OSError:
+        return False
+    state = stat.rsplit(b")", 1)[-1].split()[0:1]
+    return state not in ([b"Z"], [b"X"])
+
+
+def process_uptime(pid: int) -> float:
+    """Seconds since ``pid`` started (0.0 when unknown)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[-1].split()
+        with open("/proc/uptime", "rb") as fh:
+            uptime = float(fh.read().split()[0])
+        start_ticks = int(fields[19])  # field 22 of stat, counted after "(comm)"
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+
+
+def process_rss_mib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as fh:
+            pages = int(fh.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+    return pages * os.sysconf("SC_PAGE_SIZE") // (1024 * 1024)
+
+
+def process_threads(pid: int) -> list[int]:
+    try:
+        return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return []
