@@ -115,19 +115,21 @@ class QemuHypervisor(BaseHypervisor):
         faults: Faults | None = None,
         qmp_timeout: float = 10.0,
         start_timeout: float = 30.0,
+        stop_grace: float = HARD_GRACE,
     ) -> None:
         super().__init__(node=node)
         lo, hi = port_range
         if not (isinstance(lo, int) and isinstance(hi, int) and 0 < lo <= hi <= 65535):
             raise ParameterError(f"port_range must be two ports lo <= hi in 1-65535, not {port_range!r}", node=node)
-        if qmp_timeout <= 0 or start_timeout <= 0:
-            raise ParameterError("qmp_timeout and start_timeout must be positive", node=node)
+        if qmp_timeout <= 0 or start_timeout <= 0 or stop_grace <= 0:
+            raise ParameterError("qmp_timeout, start_timeout and stop_grace must be positive", node=node)
         self.run_dir = RunDir(run_dir)
         self.port_range = (lo, hi)
         self.listen_host = listen_host
         self.faults = faults or Faults()
         self.qmp_timeout = qmp_timeout
         self.start_timeout = start_timeout
+        self.stop_grace = stop_grace
         self._monitors: dict[str, Monitor] = {}
         self._locks: dict[str, anyio.Lock] = {}
         self._reserved_ports: set[int] = set()
@@ -167,6 +169,11 @@ class QemuHypervisor(BaseHypervisor):
 
     async def _qmp(self, name: str, cmd: str, args: Mapping[str, Any] | None = None, **kw: Any) -> Any:
         return await self._monitor(name).execute(cmd, args, **kw)
+
+    async def qmp_command(self, instance_name: str, command: str, arguments: Mapping[str, Any] | None = None) -> Any:
+        """Run one raw QMP command on a running instance (diagnostics and tests)."""
+        self._live_runtime(instance_name)
+        return await self._qmp(instance_name, command, arguments)
 
     async def _runstate(self, name: str) -> str:
         return str((await self._qmp(name, "query-status"))["status"])
@@ -387,7 +394,7 @@ class QemuHypervisor(BaseHypervisor):
             await self._qmp(name, "system_powerdown", timeout=min(self.qmp_timeout, max(timeout, 0.5)))
 
         async def quit_() -> None:
-            await self._qmp(name, "quit", timeout=HARD_GRACE)
+            await self._qmp(name, "quit", timeout=self.stop_grace)
 
         async def term() -> None:
             os.kill(pid, signal.SIGTERM)
@@ -398,7 +405,8 @@ class QemuHypervisor(BaseHypervisor):
         plan: list[tuple[StopStage, Any, float]] = []
         if not force:
             plan.append((StopStage.SOFT, powerdown, timeout))
-        plan += [(StopStage.MONITOR, quit_, HARD_GRACE), (StopStage.SIGTERM, term, HARD_GRACE), (StopStage.SIGKILL, kill, HARD_GRACE)]
+        g = self.stop_grace
+        plan += [(StopStage.MONITOR, quit_, g), (StopStage.SIGTERM, term, g), (StopStage.SIGKILL, kill, g)]
         for stage, action, grace in plan:
             if await attempt(stage, action, grace):
                 await self._clean(name)
@@ -438,7 +446,7 @@ class QemuHypervisor(BaseHypervisor):
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-                await self._wait_gone(pid, HARD_GRACE)
+                await self._wait_gone(pid, self.stop_grace)
         await self._clean(name)
 
     async def cleanup_instance(self, instance_name: str) -> None:

@@ -177,7 +177,7 @@ class Monitor:
             ) from err
         except ExecuteError as err:
             raise QmpCommandError(
-                f"instance {self.instance}: QMP command {cmd!r} failed: {err.error.desc}",
+                f"instance {self.instance}: QMP command {cmd!r} failed: {err}",
                 error_class=err.error_class,
                 node=self.node,
             ) from err

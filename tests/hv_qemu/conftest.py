@@ -1,0 +1,131 @@
+"""Fixtures for the real-QEMU driver tests.
+
+Guests run on TCG by default; ``HERD_QEMU_ACCEL=kvm`` (or ``auto``) runs the
+same tests on KVM. Every QEMU a test started is killed in the fixture's
+``finally``, found by its pidfile under the test's directory.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import pytest_asyncio
+
+import hv
+from hv.qemu import QemuHypervisor
+
+ACCEL = os.environ.get("HERD_QEMU_ACCEL", "tcg")
+
+pytestmark = pytest.mark.qemu
+
+
+def _require_qemu() -> None:
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86_64 is not installed (Debian package qemu-system-x86; scripts/test installs it)")
+
+
+def qemu_pids_under(root: Path) -> list[int]:
+    """Live QEMU processes started with a pidfile below ``root``."""
+    prefix = os.fsencode(str(root))
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                argv = fh.read().split(b"\0")
+        except OSError:
+            continue
+        if any(a == b"-pidfile" and b.startswith(prefix) for a, b in zip(argv, argv[1:])):
+            pids.append(int(entry))
+    return pids
+
+
+def kill_qemus_under(root: Path) -> None:
+    for pid in qemu_pids_under(root):
+        try:
+            os.kill(pid, signal.SIGCONT)
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture
+def qemu_root(tmp_path: Path) -> Iterator[Path]:
+    _require_qemu()
+    try:
+        yield tmp_path
+    finally:
+        kill_qemus_under(tmp_path)
+
+
+class Nodes:
+    """Driver objects on separate runtime directories, closed at the end."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.drivers: list[QemuHypervisor] = []
+
+    def make(self, node: str, **kw: Any) -> QemuHypervisor:
+        kw.setdefault("qmp_timeout", 5.0)
+        drv = hv.get_hypervisor("kvm", run_dir=self.root / node, node=node, **kw)
+        assert isinstance(drv, QemuHypervisor)
+        self.drivers.append(drv)
+        return drv
+
+    async def aclose(self) -> None:
+        for drv in self.drivers:
+            await drv.aclose()
+
+
+@pytest_asyncio.fixture
+async def nodes(qemu_root: Path) -> AsyncIterator[Nodes]:
+    n = Nodes(qemu_root)
+    try:
+        yield n
+    finally:
+        with anyio.CancelScope(shield=True):
+            await n.aclose()
+
+
+@pytest.fixture(scope="session")
+def prefilled_256(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """256 MiB of seeded random bytes: guest RAM (memory-backend-file, share=off) that must all be sent."""
+    path = tmp_path_factory.mktemp("mem") / "ram-256M.bin"
+    rng = random.Random(20261123)
+    with open(path, "wb") as fh:
+        for _ in range(16):
+            fh.write(rng.randbytes(16 << 20))
+    return path
+
+
+@pytest.fixture(scope="session")
+def dirty_kernel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.guest.build import build_dirty_kernel
+
+    return build_dirty_kernel(tmp_path_factory.mktemp("guest"))
+
+
+def instance(name: str = "vm1", mem: int = 256, vcpus: int = 1, **hvparams: Any) -> hv.Instance:
+    hvparams.setdefault("accel", ACCEL)
+    return hv.Instance(
+        name=name, hypervisor="kvm", hvparams=hvparams, beparams=hv.BeParams(minmem=mem, maxmem=mem, vcpus=vcpus)
+    )
+
+
+async def wait_status(drv: QemuHypervisor, inst: hv.Instance, pred: Any, timeout: float = 20.0) -> hv.MigrationStatus:
+    """Long-poll the migration status until ``pred(status)`` (events, no sleeps)."""
+    with anyio.fail_after(timeout):
+        while True:
+            st = await drv.get_migration_status(inst, wait=1.0)
+            if pred(st):
+                return st
+            assert not (st.is_final and not pred(st)), f"migration ended as {st}"
