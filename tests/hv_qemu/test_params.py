@@ -1,0 +1,30 @@
+"""Pure checks of the QEMU driver: hvparams, status mapping, version compatibility."""
+
+from __future__ import annotations
+
+import pytest
+
+import hv
+from hv.qemu import QemuHypervisor
+
+
+def test_status_mapping_and_versions() -> None:
+    st = QemuHypervisor.status_from_qmp(
+        {
+            "status": "wait-unplug",
+            "ram": {"transferred": 10, "remaining": 30, "total": 40, "mbps": 8.0, "dirty-pages-rate": 2, "page-size": 4096, "dirty-sync-count": 3},
+            "expected-downtime": 12,
+            "setup-time": 4,
+        }
+    )
+    assert st.status == "wait-unplug" and not st.is_final
+    assert (st.ram_transferred, st.ram_remaining, st.ram_total, st.iterations) == (10, 30, 40, 3)
+    assert st.rate_bps == 1e6 and st.dirty_rate_bps == 8192 and st.expected_downtime_ms == 12 and st.setup_time_ms == 4
+    assert QemuHypervisor.status_from_qmp({}).status == "none"
+    assert QemuHypervisor.versions_safe_for_migration("7.2.22", "7.2.9")
+    assert not QemuHypervisor.versions_safe_for_migration("7.2.22", "8.0.0")
+    assert not QemuHypervisor.versions_safe_for_migration("garbage", "garbage")
+    QemuHypervisor.check_parameter_syntax(QemuHypervisor.DEFAULTS)
+    for key, bad in [("accel", "xen"), ("migration_caps", "auto-converge:bogus"), ("migration_bandwidth", -1), ("acpi", "yes"), ("vnc_bind_address", "localhost")]:
+        with pytest.raises(hv.ParameterError, match=key):
+            QemuHypervisor.check_parameter_syntax({**QemuHypervisor.DEFAULTS, key: bad})
