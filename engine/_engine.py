@@ -1,0 +1,813 @@
+"""The Engine: submits, schedules, runs, cancels, recovers and watches jobs.
+
+One engine owns one store, one transport and the jobs it runs. Every state
+change is written to the store (shielded from cancellation, so a write that
+starts also finishes and is announced) *before* the engine acts on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectSendStream
+
+import hv
+from transport import Transport
+from transport.errors import CallTimeout, NodeUnreachable, TransportError
+
+from ._cluster import Cluster, load_cluster
+from ._inventory import InstanceRecord, InventoryChange
+from ._jobs import ErrorInfo, Event, Job, JobState, Step, StepState
+from ._locks import LockManager, LockRequest, conflicts, normalise
+from ._log import configure_logging, get_logger
+from ._ops import Operation
+from ._store import SqliteStore, Store
+from ._workflow import Context, Outcome, Workflow, workflow_for
+from .errors import (
+    CompensationFailed,
+    DependencyFailed,
+    EngineError,
+    InstanceNotKnown,
+    InvalidOperation,
+    JobCancelled,
+    JobNotFound,
+    NodeOffline,
+    RecoveryPending,
+)
+
+PRIORITY_MIN, PRIORITY_MAX = -20, 19
+
+
+class NodeStatus(msgspec.Struct, kw_only=True):
+    """What the engine knows of a node's health (``engine.nodes()``)."""
+
+    name: str
+    online: bool = True
+    checked_at: float | None = None  # wall clock of the last ping
+    since: float | None = None  # wall clock of the last change
+    error: str | None = None
+
+
+class _Health:
+    def __init__(self, name: str) -> None:
+        self.status = NodeStatus(name=name)
+        self.offline_event = anyio.Event()  # set when the node goes offline
+
+
+@dataclass(eq=False)
+class _JobHandle:
+    """In-memory companion of a non-final job this engine is driving."""
+
+    id: int
+    op: Operation
+    state: JobState
+    priority: int
+    depends_on: tuple[int, ...] = ()
+    parent_id: int | None = None
+    locks: list[LockRequest] = field(default_factory=list)
+    migration_nodes: tuple[str, ...] = ()
+    granted: anyio.Event = field(default_factory=anyio.Event)
+    done: anyio.Event = field(default_factory=anyio.Event)
+    scope: anyio.CancelScope | None = None
+    cancel_reason: str | None = None
+    ponr: str | None = None
+    recovering: bool = False
+    children: set[int] = field(default_factory=set)
+    ctx: Context | None = None
+    progress_wake: anyio.Event = field(default_factory=anyio.Event)
+
+
+class Engine:
+    """The job engine. Open it with ``async with Engine.open(...) as engine``."""
+
+    def __init__(
+        self,
+        store: Store,
+        cluster: Cluster,
+        transport: Transport,
+        *,
+        clock: Callable[[], float] | None = None,
+        rng: random.Random | None = None,
+        max_running_jobs: int = 32,
+        max_migrations_per_node: int = 1,
+        node_ping_interval: float | None = 5.0,
+        node_ping_timeout: float | None = None,
+        recovery_backoff: tuple[float, float] = (0.5, 30.0),
+    ) -> None:
+        if not isinstance(max_running_jobs, int) or max_running_jobs < 1:
+            raise ValueError(f"max_running_jobs must be an int >= 1, not {max_running_jobs!r}")
+        if not isinstance(max_migrations_per_node, int) or max_migrations_per_node < 1:
+            raise ValueError(f"max_migrations_per_node must be an int >= 1, not {max_migrations_per_node!r}")
+        if node_ping_interval is not None and not (math.isfinite(node_ping_interval) and node_ping_interval > 0):
+            raise ValueError(f"node_ping_interval must be a positive number of seconds or None, not {node_ping_interval!r}")
+        self.store = store
+        self.cluster = cluster
+        self.transport = transport
+        self.clock = clock or time.time
+        self.rng = rng or random.Random()
+        self.max_running_jobs = max_running_jobs
+        self.max_migrations_per_node = max_migrations_per_node
+        self.node_ping_interval = node_ping_interval
+        self.node_ping_timeout = node_ping_timeout or (min(10.0, node_ping_interval) if node_ping_interval else 10.0)
+        self.recovery_backoff = recovery_backoff
+        self.log = get_logger()
+        self._locks = LockManager()
+        self._handles: dict[int, _JobHandle] = {}
+        self._waiting: dict[int, _JobHandle] = {}
+        self._running: set[int] = set()
+        self._migrations: dict[str, int] = {}
+        self._subscribers: dict[int | None, set[MemoryObjectSendStream[Event]]] = {}
+        self._health: dict[str, _Health] = {n: _Health(n) for n in self.node_names}
+        self._tg: TaskGroup | None = None
+        self._closing = False
+
+    # --- opening ------------------------------------------------------------
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(
+        cls,
+        store: str | os.PathLike[str] | Store,
+        cluster: Cluster | Any | str | os.PathLike[str],
+        *,
+        transport: Transport | None = None,
+        log_json: bool | None = None,
+        **options: Any,
+    ) -> AsyncIterator[Engine]:
+        """Open the store, connect to the cluster, recover, and start scheduling.
+
+        ``cluster``: a :class:`Cluster`, the transport's ClusterConfig, or a
+        cluster file path. ``transport`` None: built with ``transport.connect``
+        (and closed on exit). Jobs still running when the engine closes stay
+        ``running`` in the store and are recovered by the next open.
+        """
+        configure_logging(json=log_json)
+        if isinstance(cluster, (str, os.PathLike)):
+            cluster = load_cluster(cluster)
+        elif not isinstance(cluster, Cluster):
+            cluster = Cluster(config=cluster)
+        the_store = store if isinstance(store, Store) else SqliteStore(Path(store))
+        async with contextlib.AsyncExitStack() as stack:
+            await the_store.open()
+            stack.push_async_callback(the_store.aclose)
+            if transport is None:
+                import transport as transport_pkg
+
+                if cluster.config is None:
+                    raise EngineError("Engine.open needs a cluster config with nodes, or a transport")
+                transport = await stack.enter_async_context(transport_pkg.connect(cluster.config))
+            engine = cls(the_store, cluster, transport, **options)
+            await engine._seed_inventory()
+            async with anyio.create_task_group() as tg:
+                engine._tg = tg
+                try:
+                    await engine._start()
+                    yield engine
+                finally:
+                    engine._closing = True
+                    tg.cancel_scope.cancel()
+                    engine._close_subscribers()
+
+    @property
+    def node_names(self) -> list[str]:
+        names = list(self.transport.node_names)
+        for n in self.cluster.node_names:
+            if n not in names:
+                names.append(n)
+        return names
+
+    async def _seed_inventory(self) -> None:
+        existing = await self.store.instances()
+        for name, record in self.cluster.instances.items():
+            if name not in existing:
+                await self.store.add_instance(record, now=self.clock())
+
+    async def _start(self) -> None:
+        assert self._tg is not None
+        jobs = await self.store.list_jobs(states=[JobState.QUEUED, JobState.WAITING, JobState.RUNNING, JobState.CANCELLING])
+        inventory = await self.store.instances()
+        for job in jobs:
+            handle = _JobHandle(
+                id=job.id, op=job.op, state=job.state, priority=job.priority, depends_on=job.depends_on,
+                parent_id=job.parent_id, cancel_reason=job.cancel_reason, ponr=job.point_of_no_return,
+            )
+            self._handles[job.id] = handle
+            if job.parent_id in self._handles:
+                self._handles[job.parent_id].children.add(job.id)
+            if job.state.active:
+                # Recovered jobs take their locks first, before any new job.
+                handle.recovering = True
+                try:
+                    handle.locks = normalise(job.op.lock_requests(inventory))
+                except (KeyError, EngineError):
+                    handle.locks = []
+                handle.migration_nodes = self._safe_migration_nodes(job.op, inventory)
+                self._locks.try_acquire(job.id, handle.locks)
+                self._running.add(job.id)
+                self._count_migrations(handle, +1)
+                self._tg.start_soon(self._job_main, handle)
+        for handle in self._handles.values():
+            if not handle.recovering:
+                self._tg.start_soon(self._job_main, handle)
+        if self.node_ping_interval is not None:
+            for name in self.node_names:
+                self._tg.start_soon(self._pinger, name)
+
+    # --- public API ---------------------------------------------------------
+
+    async def submit(
+        self, op: Operation, *, priority: int = 0, depends_on: Sequence[int] = (), parent_id: int | None = None
+    ) -> int:
+        """Validate ``op`` and queue it; returns the job id.
+
+        ``priority``: -20 (first) … 19 (last), like Ganeti and ``nice``.
+        ``depends_on``: job ids that must be final first; if one did not
+        succeed this job fails with the reason. An invalid operation raises
+        :class:`InvalidOperation` and nothing is stored.
+        """
+        if self._tg is None or self._closing:
+            raise EngineError("the engine is not open")
+        if not isinstance(op, Operation):
+            raise InvalidOperation(f"submit needs an Operation, not {type(op).__name__}")
+        if not isinstance(priority, int) or isinstance(priority, bool) or not PRIORITY_MIN <= priority <= PRIORITY_MAX:
+            raise InvalidOperation(f"priority must be an int in {PRIORITY_MIN}..{PRIORITY_MAX}, not {priority!r}")
+        deps = tuple(depends_on)
+        if any(not isinstance(d, int) or isinstance(d, bool) for d in deps):
+            raise InvalidOperation(f"depends_on must be job ids (ints), not {deps!r}")
+        workflow_for(op.kind)
+        inventory = await self.store.instances()
+        op.validate(inventory, self.node_names)
+        try:
+            job, event = await self._shielded(
+                self.store.create_job(op, priority=priority, depends_on=deps, parent_id=parent_id, now=self.clock())
+            )
+        except JobNotFound as err:
+            raise InvalidOperation(f"depends_on: {err}") from err
+        self._publish(event)
+        handle = _JobHandle(id=job.id, op=op, state=JobState.QUEUED, priority=priority, depends_on=deps, parent_id=parent_id)
+        self._handles[job.id] = handle
+        self.log.info("job submitted", job_id=job.id, op=op.kind, summary=op.summary(), priority=priority)
+        self._tg.start_soon(self._job_main, handle)
+        return job.id
+
+    async def get(self, job_id: int) -> Job:
+        """The job as stored, with its steps."""
+        return await self.store.get_job(job_id)
+
+    async def list(self, state: JobState | Iterable[JobState] | None = None, *, limit: int | None = None) -> list[Job]:
+        """Jobs (without steps), optionally only in ``state`` (one or several)."""
+        states = [state] if isinstance(state, (JobState, str)) else state
+        return await self.store.list_jobs(states=None if states is None else [JobState(s) for s in states], limit=limit)
+
+    async def watch(self, job_id: int) -> AsyncIterator[Event]:
+        """Every event of the job: the past ones, then live ones; ends at a final state."""
+        send, recv = anyio.create_memory_object_stream[Event](math.inf)
+        subs = self._subscribers.setdefault(job_id, set())
+        subs.add(send)
+        try:
+            last = 0
+            for event in await self.store.events(job_id):
+                yield event
+                last = event.seq
+                if _is_final_event(event):
+                    return
+            if job_id not in self._handles:
+                # Not live here: if the store has no final event, nothing will come.
+                job = await self.store.get_job(job_id, steps=False)
+                if job.final:
+                    for event in await self.store.events(job_id, after=last):
+                        yield event
+                    return
+            async with recv:
+                async for event in recv:
+                    if event.seq <= last:
+                        continue
+                    last = event.seq
+                    yield event
+                    if _is_final_event(event):
+                        return
+        finally:
+            subs.discard(send)
+            send.close()
+            recv.close()
+
+    async def watch_cluster(self) -> AsyncIterator[Event]:
+        """Cluster events (nodes going offline/online, inventory), live only."""
+        send, recv = anyio.create_memory_object_stream[Event](math.inf)
+        subs = self._subscribers.setdefault(None, set())
+        subs.add(send)
+        try:
+            async with recv:
+                async for event in recv:
+                    yield event
+        finally:
+            subs.discard(send)
+            send.close()
+
+    async def wait(self, job_id: int) -> Job:
+        """Wait until the job is final; returns it with its steps."""
+        handle = self._handles.get(job_id)
+        if handle is not None:
+            await handle.done.wait()
+        else:
+            job = await self.store.get_job(job_id, steps=False)
+            if not job.final:
+                async for _ in self.watch(job_id):
+                    pass
+        return await self.store.get_job(job_id)
+
+    async def cancel(self, job_id: int, reason: str = "cancelled by operator", *, wait: bool = True) -> JobState:
+        """Cancel a job; returns the state it reached (final, when ``wait``).
+
+        Queued and waiting jobs are cancelled at once. A running job records
+        the reason, then its step in progress is cancelled (on the node too),
+        its compensation runs, and it ends ``cancelled``. After the
+        workflow's point of no return the job finishes forward and its result
+        says the cancel came too late. Children are cancelled with the parent.
+        """
+        if not isinstance(reason, str) or not reason.strip():
+            raise InvalidOperation(f"a cancel needs a reason, not {reason!r}")
+        job, event = await self._shielded(self.store.request_cancel(job_id, reason, now=self.clock()))
+        if event is not None:
+            self._publish(event)
+        handle = self._handles.get(job_id)
+        if handle is None:
+            return job.state
+        if handle.cancel_reason is None:
+            handle.cancel_reason = job.cancel_reason or reason
+        log = self.log.bind(job_id=job_id, op=handle.op.kind)
+        if handle.recovering:
+            log.warning("cancel recorded; the job is being recovered and will settle from the nodes' state")
+        elif handle.ponr is not None:
+            log.warning("cancel arrived after the point of no return; the job completes", reason=reason)
+            self._publish(await self._shielded(self.store.add_event(job_id, "cancel-too-late", {"reason": reason, "point_of_no_return": handle.ponr}, now=self.clock())))
+        elif handle.scope is not None:
+            log.info("cancelling job", reason=reason, state=handle.state.value)
+            handle.scope.cancel()
+        for child in list(handle.children):
+            if child in self._handles:
+                await self.cancel(child, f"parent job {job_id} cancelled: {reason}", wait=False)
+        if not wait:
+            return handle.state
+        await handle.done.wait()
+        return (await self.store.get_job(job_id, steps=False)).state
+
+    async def instance(self, name: str) -> InstanceRecord:
+        """The inventory record of ``name``."""
+        record = (await self.store.instances()).get(name)
+        if record is None:
+            raise InstanceNotKnown(f"no instance {name!r} in the inventory")
+        return record
+
+    async def instances(self) -> dict[str, InstanceRecord]:
+        return await self.store.instances()
+
+    async def add_instance(self, spec: hv.Instance, primary: str, *, admin_state: str = "down") -> InstanceRecord:
+        """Add an instance to the inventory (set-up; validated like an operation)."""
+        from ._cluster import instance_from_table
+
+        if primary not in self.node_names:
+            raise InvalidOperation(f"add_instance {spec.name}: unknown node {primary!r}")
+        table = {**msgspec.to_builtins(spec), "primary": primary, "admin_state": admin_state}
+        table.pop("name", None)
+        record = instance_from_table(spec.name, table, where="add_instance")
+        from .errors import StoreError
+
+        try:
+            await self.store.add_instance(record, now=self.clock())
+        except StoreError as err:
+            raise InvalidOperation(f"add_instance: {err}") from err
+        return record
+
+    async def remove_instance(self, name: str) -> None:
+        """Remove an instance from the inventory (refused while a job holds it)."""
+        for handle in self._handles.values():
+            if any(r.level == "instance" and r.name == name for r in handle.locks):
+                raise InvalidOperation(f"remove_instance: job {handle.id} is using instance {name!r}")
+        await self.store.remove_instance(name, now=self.clock())
+
+    def nodes(self) -> list[NodeStatus]:
+        """Each node's health as last seen by the pinger."""
+        return [msgspec.structs.replace(self._health[n].status) for n in self.node_names if n in self._health]
+
+    def locks(self) -> dict[str, list[int]]:
+        """Held locks and their owners (diagnostics)."""
+        return self._locks.snapshot()
+
+    # --- the job's life -----------------------------------------------------
+
+    async def _job_main(self, h: _JobHandle) -> None:
+        log = self.log.bind(job_id=h.id, op=h.op.kind)
+        try:
+            if h.recovering:
+                await self._recover(h, log)
+            else:
+                await self._drive(h, log)
+        except anyio.get_cancelled_exc_class():
+            if not self._closing:
+                log.error("job task cancelled unexpectedly")
+            raise
+        except BaseException as exc:  # a bug in the engine: record it, never lose the job silently
+            log.exception("engine error while driving job")
+            if not self._closing and not h.state.final:
+                with contextlib.suppress(Exception):
+                    await self._finish(h, JobState.FAILED, error=ErrorInfo.from_exception(exc))
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            self._release(h)
+            if h.state.final or not self._closing:
+                self._handles.pop(h.id, None)
+            h.done.set()
+            if not self._closing:
+                self._schedule()
+
+    async def _drive(self, h: _JobHandle, log: Any) -> None:
+        """From queued to running, then the workflow."""
+        h.scope = anyio.CancelScope()
+        if h.cancel_reason is not None:
+            h.scope.cancel()
+        failure: BaseException | None = None
+        with h.scope:
+            if h.state is JobState.QUEUED:
+                failure = await self._wait_dependencies(h)
+            if failure is None:
+                while True:
+                    inventory = await self.store.instances()
+                    try:
+                        h.op.validate(inventory, self.node_names)
+                        h.locks = normalise(h.op.lock_requests(inventory))
+                    except EngineError as err:
+                        failure = err
+                        break
+                    h.migration_nodes = self._safe_migration_nodes(h.op, inventory)
+                    self._waiting[h.id] = h
+                    self._schedule()
+                    states = [] if h.state is JobState.WAITING else [JobState.WAITING]
+                    if not h.granted.is_set():
+                        if states:
+                            await self._transition(h, states)
+                            states = []
+                        await h.granted.wait()
+                        # Inventory may have moved while we waited (a migration):
+                        # the locks must match where the instance is *now*.
+                        fresh = await self.store.instances()
+                        try:
+                            wanted = normalise(h.op.lock_requests(fresh))
+                        except (KeyError, EngineError):
+                            wanted = h.locks  # validation on the next pass will say why
+                        if wanted != h.locks:
+                            log.info("inventory changed while waiting; re-queueing for the right locks")
+                            self._release(h)
+                            h.granted = anyio.Event()
+                            self._schedule()
+                            continue
+                    await self._transition(h, [*states, JobState.RUNNING])
+                    break
+        if failure is not None:
+            await self._finish(h, JobState.FAILED, error=ErrorInfo.from_exception(failure))
+            return
+        if h.state is not JobState.RUNNING:
+            # Cancelled before it ran.
+            if h.cancel_reason is not None:
+                await self._finish(h, JobState.CANCELLED, error=ErrorInfo.from_exception(JobCancelled(f"cancelled while {h.state.value}: {h.cancel_reason}")))
+            return
+        await self._execute(h, log)
+
+    async def _wait_dependencies(self, h: _JobHandle) -> BaseException | None:
+        for dep in h.depends_on:
+            job = await self.wait(dep)
+            if job.state is not JobState.SUCCEEDED:
+                why = f": {job.error}" if job.error else ""
+                return DependencyFailed(f"job {dep}, which job {h.id} depends on, ended {job.state.value}{why}")
+        return None
+
+    async def _execute(self, h: _JobHandle, log: Any) -> None:
+        workflow = workflow_for(h.op.kind)(h.op)
+        ctx = await self._context(h, log)
+        work = anyio.CancelScope()
+        h.scope = work
+        if h.cancel_reason is not None and h.ponr is None:
+            work.cancel()
+        result: Any = None
+        error: BaseException | None = None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._progress_writer, ctx)
+            with work:
+                try:
+                    result = await workflow.run(ctx)
+                except Exception as exc:  # the workflow failed
+                    error = exc
+            with anyio.CancelScope(shield=True):
+                if work.cancelled_caught or (error is None and h.cancel_reason is not None and h.ponr is None and work.cancel_called):
+                    await self._compensate_and_finish(h, workflow, ctx, log, cancelled=True, error=None)
+                elif error is not None:
+                    if h.ponr is None:
+                        await self._compensate_and_finish(h, workflow, ctx, log, cancelled=False, error=error)
+                    else:
+                        await ctx._flush_progress()
+                        await self._finish(h, JobState.FAILED, error=ErrorInfo.from_exception(error))
+                else:
+                    result = _builtins(result)
+                    if h.cancel_reason is not None:
+                        note = {
+                            "reason": h.cancel_reason,
+                            "too_late": True,
+                            "note": f"the cancel arrived after the point of no return ({h.ponr}); the job completed",
+                        }
+                        result = {**result, "cancel": note} if isinstance(result, dict) else {"value": result, "cancel": note}
+                    await ctx._flush_progress()
+                    await self._finish(h, JobState.SUCCEEDED, result=result)
+            tg.cancel_scope.cancel()
+
+    async def _compensate_and_finish(
+        self, h: _JobHandle, workflow: Workflow[Any], ctx: Context, log: Any, *, cancelled: bool, error: BaseException | None
+    ) -> None:
+        reason = h.cancel_reason if cancelled else f"failed: {error}"
+        if cancelled:
+            await self._transition(h, [JobState.CANCELLING], data={"reason": reason})
+        log.info("compensating", reason=reason)
+        comp_error: BaseException | None = None
+        try:
+            with anyio.fail_after(workflow.COMPENSATION_TIMEOUT):
+                await workflow.compensate(ctx, reason or "")
+        except Exception as exc:
+            comp_error = exc
+            log.error("compensation failed", error=str(exc))
+        await ctx._flush_progress()
+        if cancelled and comp_error is None:
+            await self._finish(h, JobState.CANCELLED, error=ErrorInfo.from_exception(JobCancelled(f"cancelled: {reason}")))
+        elif cancelled:
+            await self._finish(
+                h, JobState.FAILED,
+                error=ErrorInfo.from_exception(CompensationFailed(f"cancelled ({reason}), but compensation failed: {type(comp_error).__name__}: {comp_error}")),
+            )
+        else:
+            assert error is not None
+            info = ErrorInfo.from_exception(error)
+            if comp_error is not None:
+                info = msgspec.structs.replace(info, message=f"{info.message} (and compensation failed: {type(comp_error).__name__}: {comp_error})")
+            await self._finish(h, JobState.FAILED, error=info)
+
+    async def _recover(self, h: _JobHandle, log: Any) -> None:
+        """Drive a job found running at open to a final state; never guess."""
+        workflow = workflow_for(h.op.kind)(h.op)
+        delay, cap = self.recovery_backoff
+        log.warning("recovering job found active at open", state=h.state.value)
+        while True:
+            ctx = await self._context(h, log, recovering=True)
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._progress_writer, ctx)
+                    try:
+                        outcome = await workflow.recover(ctx)
+                    finally:
+                        tg.cancel_scope.cancel()
+            except (NodeUnreachable, CallTimeout, RecoveryPending) as exc:
+                note = f"recovery pending: {type(exc).__name__}: {exc}; retrying in {delay:.1f}s"
+                log.warning("recovery pending", error=str(exc), retry_in=delay)
+                self._publish(await self._shielded(self.store.set_recovery(h.id, note, now=self.clock())))
+                await anyio.sleep(delay * (0.75 + 0.5 * self.rng.random()))
+                delay = min(cap, delay * 2)
+                continue
+            except Exception as exc:
+                outcome = Outcome.failed(exc)
+            break
+        if not isinstance(outcome, Outcome):
+            outcome = Outcome.failed(EngineError(f"{type(workflow).__name__}.recover returned {outcome!r}, not an Outcome"))
+        await ctx._flush_progress()
+        result = _builtins(outcome.result)
+        if isinstance(result, dict):
+            result = {**result, "recovered": True}
+        elif result is None:
+            result = {"recovered": True}
+        error = ErrorInfo.from_exception(outcome.error) if outcome.error is not None else None
+        if outcome.state is JobState.FAILED and error is None:
+            error = ErrorInfo(type="EngineError", message="recovery failed the job")
+        await self._finish(h, outcome.state, result=result, error=error)
+
+    async def _context(self, h: _JobHandle, log: Any, recovering: bool = False) -> Context:
+        job = await self.store.get_job(h.id)
+        ctx = Context(
+            engine=self, handle=h, journal=list(job.steps), recovering=recovering,
+            rng=random.Random(self.rng.random()), log=log,
+        )
+        h.ctx = ctx
+        return ctx
+
+    # --- scheduling ---------------------------------------------------------
+
+    def _schedule(self) -> None:
+        """Grant locks to waiting jobs: priority then age; better waiters reserve theirs."""
+        if self._closing:
+            return
+        reserved: list[list[LockRequest]] = []
+        for h in sorted(self._waiting.values(), key=lambda j: (j.priority, j.id)):
+            if h.granted.is_set():
+                continue
+            if len(self._running) >= self.max_running_jobs:
+                break
+            blocked = any(conflicts(h.locks, r) for r in reserved)
+            over = any(self._migrations.get(n, 0) >= self.max_migrations_per_node for n in h.migration_nodes)
+            if not blocked and not over and self._locks.try_acquire(h.id, h.locks):
+                del self._waiting[h.id]
+                self._running.add(h.id)
+                self._count_migrations(h, +1)
+                h.granted.set()
+            else:
+                reserved.append(h.locks)
+
+    def _release(self, h: _JobHandle) -> None:
+        self._waiting.pop(h.id, None)
+        if h.id in self._running:
+            self._running.discard(h.id)
+            self._count_migrations(h, -1)
+        self._locks.release_all(h.id)
+
+    def _count_migrations(self, h: _JobHandle, delta: int) -> None:
+        for n in h.migration_nodes:
+            self._migrations[n] = self._migrations.get(n, 0) + delta
+
+    @staticmethod
+    def _safe_migration_nodes(op: Operation, inventory: dict[str, InstanceRecord]) -> tuple[str, ...]:
+        try:
+            return tuple(op.migration_nodes(inventory))
+        except (KeyError, EngineError):
+            return ()
+
+    async def _submit_child(self, parent: _JobHandle, op: Operation, *, priority: int) -> int:
+        job_id = await self.submit(op, priority=priority, parent_id=parent.id)
+        parent.children.add(job_id)
+        if parent.cancel_reason is not None and parent.ponr is None:
+            await self.cancel(job_id, f"parent job {parent.id} cancelled: {parent.cancel_reason}", wait=False)
+        return job_id
+
+    # --- writes (shielded: a write that starts is finished and announced) ---
+
+    @staticmethod
+    async def _shielded(coro: Any) -> Any:
+        with anyio.CancelScope(shield=True):
+            return await coro
+
+    async def _transition(self, h: _JobHandle, states: Sequence[JobState], *, data: dict[str, Any] | None = None) -> None:
+        events = await self._shielded(self.store.transition(h.id, states, now=self.clock(), data=data))
+        h.state = states[-1]
+        for ev in events:
+            self._publish(ev)
+        self.log.info("job state", job_id=h.id, op=h.op.kind, state=h.state.value)
+
+    async def _finish(self, h: _JobHandle, state: JobState, *, result: Any = None, error: ErrorInfo | None = None) -> None:
+        events = await self._shielded(self.store.transition(h.id, [state], now=self.clock(), result=result, error=error))
+        h.state = state
+        for ev in events:
+            self._publish(ev)
+        log = self.log.bind(job_id=h.id, op=h.op.kind, state=state.value)
+        if error is not None:
+            log.warning("job finished", error=str(error))
+        else:
+            log.info("job finished")
+
+    async def _step_start(self, ctx: Context, *, name: str, node: str | None, method: str | None, args: str, deadline: float | None) -> Step:
+        await ctx._flush_progress()
+        step, event = await self._shielded(
+            self.store.step_start(ctx.job_id, name=name, node=node, method=method, args=args, deadline=deadline, now=self.clock())
+        )
+        ctx.journal.append(step)
+        self._publish(event)
+        return step
+
+    async def _step_end(
+        self, ctx: Context, step: Step, *, state: StepState, result: Any = None, error: ErrorInfo | None = None,
+        attempts: int = 1, inventory: Sequence[InventoryChange] = (),
+    ) -> None:
+        now = self.clock()
+        event = await self._shielded(
+            self.store.step_end(ctx.job_id, step.idx, state=state, now=now, result=result, error=error, attempts=attempts, inventory=inventory)
+        )
+        step.state, step.ended_at, step.result, step.error, step.attempts = state, now, result, error, attempts
+        self._publish(event)
+
+    async def _job_event(self, job_id: int, kind: str, data: dict[str, Any]) -> None:
+        self._publish(await self._shielded(self.store.add_event(job_id, kind, data, now=self.clock())))
+
+    async def _set_ponr(self, ctx: Context, reason: str) -> None:
+        ctx.handle.ponr = reason
+        self._publish(await self._shielded(self.store.set_point_of_no_return(ctx.job_id, reason, now=self.clock())))
+        ctx.log.info("point of no return", reason=reason)
+
+    def _progress_pending(self, ctx: Context) -> None:
+        ctx.handle.progress_wake.set()
+
+    async def _write_progress(self, ctx: Context, batch: list[dict[str, Any]]) -> None:
+        for fields in batch:
+            self._publish(await self._shielded(self.store.add_event(ctx.job_id, "progress", _builtins(fields), now=self.clock())))
+
+    async def _progress_writer(self, ctx: Context) -> None:
+        h = ctx.handle
+        while True:
+            await h.progress_wake.wait()
+            h.progress_wake = anyio.Event()
+            await ctx._flush_progress()
+
+    def _publish(self, event: Event) -> None:
+        for send in list(self._subscribers.get(event.job_id, ())):
+            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                send.send_nowait(event)
+
+    def _close_subscribers(self) -> None:
+        for subs in self._subscribers.values():
+            for send in list(subs):
+                send.close()
+
+    # --- nodes --------------------------------------------------------------
+
+    def _node_online(self, name: str) -> bool:
+        health = self._health.get(name)
+        return health is not None and health.status.online
+
+    async def _node_call(self, node: str, method: str, args: Sequence[Any], kwargs: dict[str, Any], *, on_progress: Any) -> Any:
+        """One call, failing fast (NodeOffline) if the pinger marks the node offline."""
+        health = self._health.get(node)
+        if health is None:
+            raise NodeOffline(f"node {node!r} is not part of the cluster", node=node)
+        if not health.status.online:
+            raise NodeOffline(f"node {node} is offline ({health.status.error}); not calling {method}", node=node)
+        client = self.transport.node(node)
+        outcome: dict[str, Any] = {}
+        offline_event = health.offline_event
+        async with anyio.create_task_group() as tg:
+
+            async def watch_offline() -> None:
+                await offline_event.wait()
+                outcome["offline"] = True
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(watch_offline)
+            try:
+                outcome["result"] = await client.call(method, *args, on_progress=on_progress, **kwargs)
+            except Exception as exc:
+                outcome["error"] = exc
+            tg.cancel_scope.cancel()
+        if "error" in outcome:
+            raise outcome["error"]
+        if outcome.get("offline") and "result" not in outcome:
+            raise NodeOffline(
+                f"node {node} went offline during {method}: NodeUnreachable: {health.status.error}", node=node
+            )
+        return outcome.get("result")
+
+    async def _pinger(self, name: str) -> None:
+        assert self.node_ping_interval is not None
+        health = self._health[name]
+        log = self.log.bind(node=name)
+        while True:
+            error: str | None = None
+            try:
+                await self.transport.node(name).call("ping", call_timeout=self.node_ping_timeout)
+            except (TransportError, TimeoutError, OSError) as exc:
+                error = f"{type(exc).__name__}: {exc}"
+            except hv.HypervisorError as exc:
+                error = f"{type(exc).__name__}: {exc}"
+            now = self.clock()
+            status = health.status
+            status.checked_at = now
+            if error is None and not status.online:
+                status.online, status.error, status.since = True, None, now
+                health.offline_event = anyio.Event()
+                log.info("node online")
+                self._publish(await self._shielded(self.store.add_event(None, "node-online", {"node": name}, now=now)))
+            elif error is not None and status.online:
+                status.online, status.error, status.since = False, error, now
+                health.offline_event.set()
+                log.warning("node offline", error=error)
+                self._publish(await self._shielded(self.store.add_event(None, "node-offline", {"node": name, "error": error}, now=now)))
+            elif error is not None:
+                status.error = error
+            await anyio.sleep(self.node_ping_interval)
+
+
+def _is_final_event(event: Event) -> bool:
+    if event.kind != "state":
+        return False
+    try:
+        return JobState(event.data.get("state")).final
+    except ValueError:
+        return False
+
+
+def _builtins(value: Any) -> Any:
+    try:
+        return msgspec.to_builtins(value)
+    except TypeError:
+        return repr(value)

@@ -1,0 +1,268 @@
+"""Typed operations: what a job is asked to do.
+
+Each operation is a frozen msgspec Struct tagged with its ``kind``; it knows
+how to validate itself against the inventory and the cluster's nodes (at
+``submit``, before anything is stored), which locks it needs, and its step
+deadlines (per-method defaults, overridable per operation with
+``deadlines={"stop_instance": 90}``).
+
+Adding an operation: subclass :class:`Operation` with ``tag="kebab-name"``,
+implement ``validate`` and ``lock_requests`` (or inherit
+:class:`InstanceOperation`'s), then register a workflow for it with
+``@register_workflow(YourOp)`` in a module of ``engine/workflows/``.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Collection, Mapping
+from typing import Any, ClassVar
+
+import msgspec
+
+import hv
+
+from ._inventory import InstanceRecord
+from ._locks import LockRequest, instance_lock, node_lock
+from .errors import InvalidOperation
+
+#: Seconds a step may take unless the operation says otherwise.
+DEFAULT_STEP_DEADLINES: dict[str, float] = {
+    "ping": 10.0,
+    "get_instance_info": 15.0,
+    "get_all_instances_info": 20.0,
+    "list_instances": 15.0,
+    "get_node_info": 15.0,
+    "instance_startup_memory": 15.0,
+    "validate_parameters": 30.0,
+    "start_instance": 120.0,
+    "reboot_instance": 120.0,
+    "cleanup_instance": 60.0,
+    "verify": 60.0,
+    "migration_info": 30.0,
+    "accept_instance": 60.0,
+    "migrate_instance": 60.0,
+    "get_migration_status": 30.0,
+    "finalize_migration_dst": 120.0,
+    "finalize_migration_source": 120.0,
+    "balloon_instance_memory": 60.0,
+}
+#: When nothing else says: a generous bound, never infinity.
+FALLBACK_DEADLINE = 300.0
+
+#: Every operation class by its kind tag (filled by :func:`operation_type`).
+OPERATIONS: dict[str, type[Operation]] = {}
+
+
+class Operation(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
+    """Base of every operation. ``deadlines`` overrides step deadlines (s)."""
+
+    deadlines: dict[str, float] = msgspec.field(default_factory=dict)
+
+    #: Whether the op migrates something (counts against the per-node limit).
+    MIGRATES: ClassVar[bool] = False
+
+    @property
+    def kind(self) -> str:
+        return str(type(self).__struct_config__.tag)
+
+    # --- to override --------------------------------------------------------
+
+    def validate(self, inventory: Mapping[str, InstanceRecord], nodes: Collection[str]) -> None:
+        """Raise :class:`InvalidOperation` naming what is wrong (touch nothing)."""
+        for key, value in self.deadlines.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+                raise InvalidOperation(f"{self.kind}: deadline for {key!r} must be a positive number of seconds, not {value!r}")
+
+    def lock_requests(self, inventory: Mapping[str, InstanceRecord]) -> list[LockRequest]:
+        """The locks to hold while the job runs (taken all at once, in order)."""
+        return []
+
+    def migration_nodes(self, inventory: Mapping[str, InstanceRecord]) -> tuple[str, ...]:
+        """Nodes whose concurrent-migration limit this job counts against."""
+        return ()
+
+    def summary(self) -> str:
+        return self.kind
+
+    # --- helpers ------------------------------------------------------------
+
+    def deadline_for(self, step_or_method: str, method: str | None = None) -> float:
+        """The deadline for a step: override by step name, then by method, then defaults."""
+        for key in (step_or_method, method):
+            if key and key in self.deadlines:
+                return float(self.deadlines[key])
+        for key in (method, step_or_method):
+            if key and key in DEFAULT_STEP_DEADLINES:
+                return DEFAULT_STEP_DEADLINES[key]
+        return FALLBACK_DEADLINE
+
+
+def _check_name(kind: str, field: str, value: Any) -> None:
+    if not isinstance(value, str) or not value or value.strip() != value or len(value) > 255:
+        raise InvalidOperation(f"{kind}: {field} must be a non-empty name without surrounding spaces, not {value!r}")
+
+
+def _check_timeout(kind: str, field: str, value: Any, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+        raise InvalidOperation(f"{kind}: {field} must be a finite number of seconds >= 0, not {value!r}")
+
+
+def check_hvparams(kind: str, spec: hv.Instance, hvparams: Mapping[str, Any] | None = None) -> None:
+    """Submit-side syntax check of hvparams with the instance's driver class."""
+    try:
+        cls = hv.get_hypervisor_class(spec.hypervisor)
+    except hv.HypervisorError as err:
+        raise InvalidOperation(f"{kind}: instance {spec.name}: {err}") from err
+    params = cls.fill_hvparams({**spec.hvparams, **(hvparams or {})})
+    try:
+        cls.check_parameter_syntax(params)
+    except hv.HypervisorError as err:
+        raise InvalidOperation(f"{kind}: instance {spec.name}: {err}") from err
+
+
+class InstanceOperation(Operation, frozen=True, kw_only=True):
+    """An operation on one instance: instance lock exclusive, its node shared."""
+
+    instance: str
+
+    def validate(self, inventory: Mapping[str, InstanceRecord], nodes: Collection[str]) -> None:
+        super().validate(inventory, nodes)
+        _check_name(self.kind, "instance", self.instance)
+        record = inventory.get(self.instance)
+        if record is None:
+            raise InvalidOperation(f"{self.kind}: unknown instance {self.instance!r}")
+        if record.primary not in nodes:
+            raise InvalidOperation(
+                f"{self.kind}: instance {self.instance!r} has primary node {record.primary!r}, which the cluster does not know"
+            )
+
+    def lock_requests(self, inventory: Mapping[str, InstanceRecord]) -> list[LockRequest]:
+        record = inventory[self.instance]
+        return [instance_lock(self.instance, exclusive=True), node_lock(record.primary, exclusive=False)]
+
+    def summary(self) -> str:
+        return f"{self.kind} {self.instance}"
+
+
+class StartInstance(InstanceOperation, frozen=True, kw_only=True, tag="start-instance"):
+    """Start an instance on its primary node and prove it runs.
+
+    ``hvparams``: one-off overrides for this start (syntax-checked at submit).
+    """
+
+    hvparams: dict[str, Any] = msgspec.field(default_factory=dict)
+    startup_paused: bool = False
+
+    def validate(self, inventory: Mapping[str, InstanceRecord], nodes: Collection[str]) -> None:
+        super().validate(inventory, nodes)
+        check_hvparams(self.kind, inventory[self.instance].spec, self.hvparams)
+
+
+class StopInstance(InstanceOperation, frozen=True, kw_only=True, tag="stop-instance"):
+    """Stop an instance: soft, then hard after ``timeout`` s; ``force``: hard now."""
+
+    timeout: float = 30.0
+    force: bool = False
+
+    def validate(self, inventory: Mapping[str, InstanceRecord], nodes: Collection[str]) -> None:
+        super().validate(inventory, nodes)
+        _check_timeout(self.kind, "timeout", self.timeout)
+
+    def deadline_for(self, step_or_method: str, method: str | None = None) -> float:
+        # The driver owns the soft→hard escalation: give it the soft timeout
+        # plus room for the hard stages before the engine gives up.
+        if (method or step_or_method) == "stop_instance" and not (
+            step_or_method in self.deadlines or (method and method in self.deadlines)
+        ):
+            return float(self.timeout) + 60.0
+        return super().deadline_for(step_or_method, method)
+
+
+class RebootType(str, enum.Enum):
+    SOFT = "soft"  # the hypervisor's reboot
+    HARD = "hard"  # stop (forced) then start
+
+
+class RebootInstance(InstanceOperation, frozen=True, kw_only=True, tag="reboot-instance"):
+    reboot_type: RebootType = RebootType.SOFT
+    timeout: float = 30.0
+
+    def validate(self, inventory: Mapping[str, InstanceRecord], nodes: Collection[str]) -> None:
+        super().validate(inventory, nodes)
+        _check_timeout(self.kind, "timeout", self.timeout)
+
+
+class Noop(Operation, frozen=True, kw_only=True, tag="noop"):
+    """Does nothing on any node (benchmarks, tests of the machinery).
+
+    ``steps`` local steps are journaled; ``hold_instance`` takes that
+    instance's lock exclusively, so it orders against instance jobs.
+    """
+
+    steps: int = 1
+    hold_instance: str | None = None
+    sleep: float = 0.0  # seconds each step waits (a cancellable wait)
+
+    def validate(self, inventory: Mapping[str, InstanceRecord], nodes: Collection[str]) -> None:
+        super().validate(inventory, nodes)
+        if not isinstance(self.steps, int) or not 0 <= self.steps <= 1000:
+            raise InvalidOperation(f"noop: steps must be an int in 0..1000, not {self.steps!r}")
+        _check_timeout(self.kind, "sleep", self.sleep)
+        if self.hold_instance is not None and self.hold_instance not in inventory:
+            raise InvalidOperation(f"noop: unknown instance {self.hold_instance!r}")
+
+    def lock_requests(self, inventory: Mapping[str, InstanceRecord]) -> list[LockRequest]:
+        return [instance_lock(self.hold_instance, exclusive=True)] if self.hold_instance else []
+
+
+def _refresh_registry() -> None:
+    """Register every concrete Operation subclass (those with an explicit tag).
+
+    Abstract bases keep msgspec's default tag, their class name. (msgspec
+    sets the tag after ``__init_subclass__`` runs, hence a scan.)
+    """
+    todo = list(Operation.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        tag = cls.__struct_config__.tag
+        if isinstance(tag, str) and tag != cls.__name__:
+            if OPERATIONS.get(tag, cls) is not cls:
+                raise TypeError(f"operation kind {tag!r} defined twice ({OPERATIONS[tag].__name__}, {cls.__name__})")
+            OPERATIONS[tag] = cls
+
+
+def operation_type(kind: str) -> type[Operation]:
+    """The operation class for ``kind`` (InvalidOperation when unknown)."""
+    if kind not in OPERATIONS:
+        _refresh_registry()
+    try:
+        return OPERATIONS[kind]
+    except KeyError:
+        raise InvalidOperation(f"unknown operation kind {kind!r} (known: {', '.join(sorted(OPERATIONS))})") from None
+
+
+def encode_op(op: Operation) -> bytes:
+    return msgspec.json.encode(op)
+
+
+def decode_op(kind: str, data: bytes | str) -> Operation:
+    """Decode a stored or submitted operation of ``kind`` (validated by type)."""
+    try:
+        return msgspec.json.decode(data, type=operation_type(kind))
+    except msgspec.ValidationError as err:
+        raise InvalidOperation(f"{kind}: {err}") from err
+
+
+def op_from_dict(data: Mapping[str, Any]) -> Operation:
+    """An operation from a mapping with a ``kind`` key (CLI, HTTP)."""
+    if not isinstance(data, Mapping) or "kind" not in data:
+        raise InvalidOperation(f"an operation needs a 'kind' key: {data!r}")
+    try:
+        return msgspec.convert(dict(data), type=operation_type(str(data["kind"])))
+    except msgspec.ValidationError as err:
+        raise InvalidOperation(f"{data['kind']}: {err}") from err

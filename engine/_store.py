@@ -1,0 +1,654 @@
+"""The job store: jobs, their journaled steps, events, and the inventory.
+
+:class:`Store` is the interface (a server database can implement it later);
+:class:`SqliteStore` is the embedded default.
+
+SQLite choices, and why:
+- WAL journal: readers never block the writer, and a commit is one append.
+- ``synchronous=FULL`` by default: every commit is fsynced before the call
+  returns, so a step journaled as *started* is on disk before the engine
+  acts on a node — even across a power cut, not only a process kill (WAL +
+  NORMAL survives a process kill too, but may lose the last commits on power
+  loss; pass ``synchronous="NORMAL"`` to trade that for speed, see
+  ``scripts/bench_engine.py`` for the cost).
+- One connection, used by one thread at a time (a capacity limiter of one
+  around ``anyio.to_thread.run_sync``): SQLite serialises writers anyway,
+  and a single connection keeps transactions simple. Every write is one
+  ``BEGIN IMMEDIATE … COMMIT``; a failure rolls the whole of it back, so a
+  crash at any instant leaves each job either before or after a change,
+  never half-written.
+- The file is created 0600 (job data is not world-readable); schema changes
+  are numbered migrations recorded in ``schema_migrations``.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import anyio.to_thread
+import msgspec
+
+from ._inventory import InstanceRecord, InventoryChange, apply_change
+from ._jobs import TRANSITIONS, ErrorInfo, Event, Job, JobState, Step, StepState
+from ._ops import Operation, decode_op, encode_op
+from .errors import InstanceNotKnown, JobNotFound, StoreError
+
+T = TypeVar("T")
+
+_json_enc = msgspec.json.Encoder()
+_json_dec = msgspec.json.Decoder()
+
+
+def _dumps(value: Any) -> str | None:
+    if value is None:
+        return None
+    return _json_enc.encode(msgspec.to_builtins(value)).decode()
+
+
+def _loads(text: str | bytes | None) -> Any:
+    return None if text is None else _json_dec.decode(text)
+
+
+class Store(abc.ABC):
+    """What the engine needs from durable storage. Every method is one transaction."""
+
+    # lifecycle
+    @abc.abstractmethod
+    async def open(self) -> None: ...
+    @abc.abstractmethod
+    async def aclose(self) -> None: ...
+    @abc.abstractmethod
+    async def schema_version(self) -> int: ...
+
+    # jobs
+    @abc.abstractmethod
+    async def create_job(
+        self, op: Operation, *, priority: int, depends_on: Sequence[int], parent_id: int | None, now: float
+    ) -> tuple[Job, Event]: ...
+    @abc.abstractmethod
+    async def transition(
+        self,
+        job_id: int,
+        states: Sequence[JobState],
+        *,
+        now: float,
+        result: Any = None,
+        error: ErrorInfo | None = None,
+        data: dict[str, Any] | None = None,
+    ) -> list[Event]:
+        """Move the job through ``states`` in order (each must be allowed)."""
+    @abc.abstractmethod
+    async def request_cancel(self, job_id: int, reason: str, *, now: float) -> tuple[Job, Event | None]:
+        """Persist the cancel reason (first one wins); returns the job as stored."""
+    @abc.abstractmethod
+    async def set_point_of_no_return(self, job_id: int, reason: str, *, now: float) -> Event: ...
+    @abc.abstractmethod
+    async def set_recovery(self, job_id: int, note: str | None, *, now: float) -> Event: ...
+    @abc.abstractmethod
+    async def get_job(self, job_id: int, *, steps: bool = True) -> Job: ...
+    @abc.abstractmethod
+    async def list_jobs(self, *, states: Iterable[JobState] | None = None, limit: int | None = None) -> list[Job]: ...
+
+    # steps and events
+    @abc.abstractmethod
+    async def step_start(
+        self, job_id: int, *, name: str, node: str | None, method: str | None, args: str, deadline: float | None, now: float
+    ) -> tuple[Step, Event]: ...
+    @abc.abstractmethod
+    async def step_end(
+        self,
+        job_id: int,
+        idx: int,
+        *,
+        state: StepState,
+        now: float,
+        result: Any = None,
+        error: ErrorInfo | None = None,
+        attempts: int = 1,
+        inventory: Sequence[InventoryChange] = (),
+    ) -> Event:
+        """Record a step's end and apply ``inventory`` in the same transaction."""
+    @abc.abstractmethod
+    async def add_event(self, job_id: int | None, kind: str, data: dict[str, Any], *, now: float) -> Event: ...
+    @abc.abstractmethod
+    async def events(self, job_id: int | None, *, after: int = 0) -> list[Event]: ...
+
+    # inventory
+    @abc.abstractmethod
+    async def instances(self) -> dict[str, InstanceRecord]: ...
+    @abc.abstractmethod
+    async def add_instance(self, record: InstanceRecord, *, now: float, replace: bool = False) -> None: ...
+    @abc.abstractmethod
+    async def remove_instance(self, name: str, *, now: float) -> None: ...
+    @abc.abstractmethod
+    async def apply_inventory(self, changes: Sequence[InventoryChange], *, job_id: int | None, now: float) -> None: ...
+
+
+# --- SQLite ------------------------------------------------------------------
+
+#: (version, description, statements). Append only; never edit a shipped one.
+MIGRATIONS: list[tuple[int, str, tuple[str, ...]]] = [
+    (
+        1,
+        "jobs, steps, events, instances",
+        (
+            """CREATE TABLE jobs (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                kind TEXT NOT NULL,
+                op TEXT NOT NULL,
+                state TEXT NOT NULL,
+                priority INTEGER NOT NULL DEFAULT 0,
+                created_at REAL NOT NULL,
+                updated_at REAL NOT NULL,
+                started_at REAL,
+                finished_at REAL,
+                result TEXT,
+                error TEXT,
+                cancel_reason TEXT,
+                point_of_no_return TEXT,
+                parent_id INTEGER REFERENCES jobs(id),
+                depends_on TEXT NOT NULL DEFAULT '[]',
+                recovery TEXT
+            )""",
+            "CREATE INDEX jobs_state ON jobs(state, priority, id)",
+            """CREATE TABLE steps (
+                job_id INTEGER NOT NULL REFERENCES jobs(id),
+                idx INTEGER NOT NULL,
+                name TEXT NOT NULL,
+                node TEXT,
+                method TEXT,
+                args TEXT NOT NULL DEFAULT '',
+                state TEXT NOT NULL,
+                started_at REAL NOT NULL,
+                ended_at REAL,
+                deadline REAL,
+                attempts INTEGER NOT NULL DEFAULT 1,
+                result TEXT,
+                error TEXT,
+                PRIMARY KEY (job_id, idx)
+            )""",
+            """CREATE TABLE events (
+                seq INTEGER PRIMARY KEY AUTOINCREMENT,
+                job_id INTEGER,
+                ts REAL NOT NULL,
+                kind TEXT NOT NULL,
+                data TEXT NOT NULL
+            )""",
+            "CREATE INDEX events_job ON events(job_id, seq)",
+            """CREATE TABLE instances (
+                name TEXT PRIMARY KEY,
+                spec TEXT NOT NULL,
+                primary_node TEXT NOT NULL,
+                admin_state TEXT NOT NULL,
+                pending_cleanup TEXT NOT NULL DEFAULT '[]',
+                version INTEGER NOT NULL DEFAULT 0,
+                updated_at REAL NOT NULL
+            )""",
+        ),
+    ),
+]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+_JOB_COLUMNS = (
+    "id, kind, op, state, priority, created_at, updated_at, started_at, finished_at, result, error, "
+    "cancel_reason, point_of_no_return, parent_id, depends_on, recovery"
+)
+
+
+class SqliteStore(Store):
+    """The embedded store: one SQLite file in WAL mode."""
+
+    def __init__(self, path: str | os.PathLike[str], *, synchronous: str = "FULL") -> None:
+        if synchronous.upper() not in ("FULL", "NORMAL", "EXTRA", "OFF"):
+            raise StoreError(f"synchronous must be FULL, NORMAL, EXTRA or OFF, not {synchronous!r}")
+        self.path = Path(path)
+        self.synchronous = synchronous.upper()
+        self._conn: sqlite3.Connection | None = None
+        self._limiter = anyio.CapacityLimiter(1)
+        self._thread_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"SqliteStore({str(self.path)!r})"
+
+    # --- plumbing -----------------------------------------------------------
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn = self._conn
+        if conn is None:
+            raise StoreError(f"store {self.path} is not open")
+
+        def work() -> T:
+            with self._thread_lock:
+                return fn(conn)
+
+        return await anyio.to_thread.run_sync(work, limiter=self._limiter)
+
+    async def _txn(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def work(conn: sqlite3.Connection) -> T:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                out = fn(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return out
+
+        return await self._run(work)
+
+    # --- lifecycle ----------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._conn is not None:
+            return
+
+        def connect() -> sqlite3.Connection:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            os.close(fd)
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
+            try:
+                mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    raise StoreError(f"{self.path}: cannot switch to WAL mode (got {mode!r})")
+                conn.execute(f"PRAGMA synchronous={self.synchronous}")
+                conn.execute("PRAGMA foreign_keys=ON")
+                self._migrate(conn)
+            except BaseException:
+                conn.close()
+                raise
+            return conn
+
+        try:
+            self._conn = await anyio.to_thread.run_sync(connect)
+        except sqlite3.DatabaseError as err:
+            raise StoreError(f"cannot open store {self.path}: {err}") from err
+        for suffix in ("", "-wal", "-shm"):
+            p = Path(f"{self.path}{suffix}")
+            if p.exists():
+                os.chmod(p, 0o600)
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_at REAL NOT NULL)"
+            )
+            current = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()[0]
+            if current > SCHEMA_VERSION:
+                raise StoreError(
+                    f"store {self.path} has schema version {current}, newer than this herd supports ({SCHEMA_VERSION})"
+                )
+            for version, description, statements in MIGRATIONS:
+                if version <= current:
+                    continue
+                for sql in statements:
+                    conn.execute(sql)
+                # Schema bookkeeping is not job data: a real clock is fine here.
+                conn.execute(
+                    "INSERT INTO schema_migrations (version, description, applied_at) VALUES (?, ?, julianday('now'))",
+                    (version, description),
+                )
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    async def aclose(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(conn.close, limiter=self._limiter)
+
+    async def schema_version(self) -> int:
+        return await self._run(lambda c: c.execute("SELECT MAX(version) FROM schema_migrations").fetchone()[0])
+
+    # --- helpers inside a transaction ---------------------------------------
+
+    @staticmethod
+    def _event(conn: sqlite3.Connection, job_id: int | None, kind: str, data: dict[str, Any], now: float) -> Event:
+        text = _dumps(data) or "{}"
+        cur = conn.execute("INSERT INTO events (job_id, ts, kind, data) VALUES (?, ?, ?, ?)", (job_id, now, kind, text))
+        return Event(seq=int(cur.lastrowid or 0), job_id=job_id, ts=now, kind=kind, data=_loads(text))
+
+    @staticmethod
+    def _job_from_row(row: Sequence[Any]) -> Job:
+        try:
+            (id_, kind, op, state, priority, created, updated, started, finished, result, error, reason, ponr, parent, deps, recovery) = row
+            return Job(
+                id=id_,
+                kind=kind,
+                op=decode_op(kind, op),
+                state=JobState(state),
+                priority=priority,
+                created_at=created,
+                updated_at=updated,
+                started_at=started,
+                finished_at=finished,
+                result=_loads(result),
+                error=msgspec.convert(_loads(error), ErrorInfo) if error else None,
+                cancel_reason=reason,
+                point_of_no_return=ponr,
+                parent_id=parent,
+                depends_on=tuple(_loads(deps) or ()),
+                recovery=recovery,
+            )
+        except (ValueError, msgspec.ValidationError, TypeError) as err:
+            raise StoreError(f"corrupt job row {row[0]!r}: {err}") from err
+
+    @staticmethod
+    def _step_from_row(row: Sequence[Any]) -> Step:
+        job_id, idx, name, node, method, args, state, started, ended, deadline, attempts, result, error = row
+        return Step(
+            job_id=job_id,
+            idx=idx,
+            name=name,
+            node=node,
+            method=method,
+            args=args,
+            state=StepState(state),
+            started_at=started,
+            ended_at=ended,
+            deadline=deadline,
+            attempts=attempts,
+            result=_loads(result),
+            error=msgspec.convert(_loads(error), ErrorInfo) if error else None,
+        )
+
+    def _job_state(self, conn: sqlite3.Connection, job_id: int) -> JobState:
+        row = conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise JobNotFound(f"no job {job_id}")
+        return JobState(row[0])
+
+    # --- jobs ---------------------------------------------------------------
+
+    async def create_job(
+        self, op: Operation, *, priority: int, depends_on: Sequence[int], parent_id: int | None, now: float
+    ) -> tuple[Job, Event]:
+        op_text = encode_op(op).decode()
+        deps = [int(d) for d in depends_on]
+
+        def work(conn: sqlite3.Connection) -> tuple[Job, Event]:
+            for dep in deps:
+                self._job_state(conn, dep)  # JobNotFound rolls it all back
+            cur = conn.execute(
+                "INSERT INTO jobs (kind, op, state, priority, created_at, updated_at, parent_id, depends_on) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (op.kind, op_text, JobState.QUEUED.value, priority, now, now, parent_id, _dumps(deps)),
+            )
+            job_id = int(cur.lastrowid or 0)
+            event = self._event(
+                conn, job_id, "state", {"state": JobState.QUEUED.value, "op": op.kind, "summary": op.summary(), "priority": priority}, now
+            )
+            job = Job(
+                id=job_id, kind=op.kind, op=op, state=JobState.QUEUED, priority=priority, created_at=now,
+                updated_at=now, parent_id=parent_id, depends_on=tuple(deps),
+            )
+            return job, event
+
+        return await self._txn(work)
+
+    async def transition(
+        self,
+        job_id: int,
+        states: Sequence[JobState],
+        *,
+        now: float,
+        result: Any = None,
+        error: ErrorInfo | None = None,
+        data: dict[str, Any] | None = None,
+    ) -> list[Event]:
+        result_text = _dumps(result)
+        error_text = _dumps(error)
+
+        def work(conn: sqlite3.Connection) -> list[Event]:
+            current = self._job_state(conn, job_id)
+            events = []
+            for state in states:
+                if state not in TRANSITIONS[current]:
+                    raise StoreError(f"job {job_id}: transition {current.value} → {state.value} is not allowed")
+                sets = ["state = ?", "updated_at = ?"]
+                args: list[Any] = [state.value, now]
+                if state is JobState.RUNNING:
+                    sets.append("started_at = ?")
+                    args.append(now)
+                if state.final:
+                    sets += ["finished_at = ?", "result = ?", "error = ?", "recovery = NULL"]
+                    args += [now, result_text, error_text]
+                conn.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id = ?", (*args, job_id))
+                payload: dict[str, Any] = {"state": state.value, "previous": current.value, **(data or {})}
+                if state.final:
+                    if result is not None:
+                        payload["result"] = _loads(result_text)
+                    if error is not None:
+                        payload["error"] = _loads(error_text)
+                events.append(self._event(conn, job_id, "state", payload, now))
+                current = state
+            return events
+
+        return await self._txn(work)
+
+    async def request_cancel(self, job_id: int, reason: str, *, now: float) -> tuple[Job, Event | None]:
+        def work(conn: sqlite3.Connection) -> tuple[Job, Event | None]:
+            row = conn.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise JobNotFound(f"no job {job_id}")
+            job = self._job_from_row(row)
+            if job.final or job.cancel_reason is not None:
+                return job, None
+            conn.execute("UPDATE jobs SET cancel_reason = ?, updated_at = ? WHERE id = ?", (reason, now, job_id))
+            job.cancel_reason = reason
+            event = self._event(conn, job_id, "cancel-requested", {"reason": reason, "state": job.state.value}, now)
+            return job, event
+
+        return await self._txn(work)
+
+    async def set_point_of_no_return(self, job_id: int, reason: str, *, now: float) -> Event:
+        def work(conn: sqlite3.Connection) -> Event:
+            self._job_state(conn, job_id)
+            conn.execute("UPDATE jobs SET point_of_no_return = ?, updated_at = ? WHERE id = ?", (reason, now, job_id))
+            return self._event(conn, job_id, "point-of-no-return", {"reason": reason}, now)
+
+        return await self._txn(work)
+
+    async def set_recovery(self, job_id: int, note: str | None, *, now: float) -> Event:
+        def work(conn: sqlite3.Connection) -> Event:
+            self._job_state(conn, job_id)
+            conn.execute("UPDATE jobs SET recovery = ?, updated_at = ? WHERE id = ?", (note, now, job_id))
+            return self._event(conn, job_id, "recovery", {"pending": note is not None, "note": note}, now)
+
+        return await self._txn(work)
+
+    async def get_job(self, job_id: int, *, steps: bool = True) -> Job:
+        def work(conn: sqlite3.Connection) -> Job:
+            row = conn.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise JobNotFound(f"no job {job_id}")
+            job = self._job_from_row(row)
+            if steps:
+                rows = conn.execute(
+                    "SELECT job_id, idx, name, node, method, args, state, started_at, ended_at, deadline, attempts, result, error "
+                    "FROM steps WHERE job_id = ? ORDER BY idx",
+                    (job_id,),
+                ).fetchall()
+                job.steps = [self._step_from_row(r) for r in rows]
+            return job
+
+        return await self._run(work)
+
+    async def list_jobs(self, *, states: Iterable[JobState] | None = None, limit: int | None = None) -> list[Job]:
+        wanted = [JobState(s).value for s in states] if states is not None else None
+
+        def work(conn: sqlite3.Connection) -> list[Job]:
+            sql = f"SELECT {_JOB_COLUMNS} FROM jobs"
+            args: list[Any] = []
+            if wanted is not None:
+                if not wanted:
+                    return []
+                sql += f" WHERE state IN ({', '.join('?' * len(wanted))})"
+                args += wanted
+            sql += " ORDER BY id"
+            if limit is not None:
+                sql += " LIMIT ?"
+                args.append(int(limit))
+            return [self._job_from_row(r) for r in conn.execute(sql, args).fetchall()]
+
+        return await self._run(work)
+
+    # --- steps and events ---------------------------------------------------
+
+    async def step_start(
+        self, job_id: int, *, name: str, node: str | None, method: str | None, args: str, deadline: float | None, now: float
+    ) -> tuple[Step, Event]:
+        def work(conn: sqlite3.Connection) -> tuple[Step, Event]:
+            self._job_state(conn, job_id)
+            idx = conn.execute("SELECT COALESCE(MAX(idx), -1) + 1 FROM steps WHERE job_id = ?", (job_id,)).fetchone()[0]
+            conn.execute(
+                "INSERT INTO steps (job_id, idx, name, node, method, args, state, started_at, deadline) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, idx, name, node, method, args, StepState.RUNNING.value, now, deadline),
+            )
+            step = Step(job_id=job_id, idx=idx, name=name, node=node, method=method, args=args, started_at=now, deadline=deadline)
+            event = self._event(
+                conn, job_id, "step-start",
+                {"idx": idx, "step": name, "node": node, "method": method, "args": args, "deadline": deadline}, now,
+            )
+            return step, event
+
+        return await self._txn(work)
+
+    async def step_end(
+        self,
+        job_id: int,
+        idx: int,
+        *,
+        state: StepState,
+        now: float,
+        result: Any = None,
+        error: ErrorInfo | None = None,
+        attempts: int = 1,
+        inventory: Sequence[InventoryChange] = (),
+    ) -> Event:
+        result_text = _dumps(result)
+        error_text = _dumps(error)
+
+        def work(conn: sqlite3.Connection) -> Event:
+            row = conn.execute("SELECT name, node FROM steps WHERE job_id = ? AND idx = ?", (job_id, idx)).fetchone()
+            if row is None:
+                raise StoreError(f"job {job_id} has no step {idx}")
+            conn.execute(
+                "UPDATE steps SET state = ?, ended_at = ?, result = ?, error = ?, attempts = ? WHERE job_id = ? AND idx = ?",
+                (state.value, now, result_text, error_text, attempts, job_id, idx),
+            )
+            self._apply_inventory(conn, inventory, job_id, now)
+            data: dict[str, Any] = {"idx": idx, "step": row[0], "node": row[1], "state": state.value, "attempts": attempts}
+            if result is not None:
+                data["result"] = _loads(result_text)
+            if error is not None:
+                data["error"] = _loads(error_text)
+            if inventory:
+                data["inventory"] = msgspec.to_builtins(list(inventory))
+            return self._event(conn, job_id, "step-end", data, now)
+
+        return await self._txn(work)
+
+    async def add_event(self, job_id: int | None, kind: str, data: dict[str, Any], *, now: float) -> Event:
+        return await self._txn(lambda conn: self._event(conn, job_id, kind, data, now))
+
+    async def events(self, job_id: int | None, *, after: int = 0) -> list[Event]:
+        def work(conn: sqlite3.Connection) -> list[Event]:
+            if job_id is None:
+                rows = conn.execute(
+                    "SELECT seq, job_id, ts, kind, data FROM events WHERE job_id IS NULL AND seq > ? ORDER BY seq", (after,)
+                ).fetchall()
+            else:
+                rows = conn.execute(
+                    "SELECT seq, job_id, ts, kind, data FROM events WHERE job_id = ? AND seq > ? ORDER BY seq", (job_id, after)
+                ).fetchall()
+            return [Event(seq=s, job_id=j, ts=t, kind=k, data=_loads(d)) for s, j, t, k, d in rows]
+
+        return await self._run(work)
+
+    # --- inventory ----------------------------------------------------------
+
+    @staticmethod
+    def _record_from_row(row: Sequence[Any]) -> InstanceRecord:
+        name, spec, primary, admin, cleanup, version = row
+        try:
+            return msgspec.convert(
+                {
+                    "name": name,
+                    "spec": _loads(spec),
+                    "primary": primary,
+                    "admin_state": admin,
+                    "pending_cleanup": _loads(cleanup),
+                    "version": version,
+                },
+                InstanceRecord,
+            )
+        except msgspec.ValidationError as err:
+            raise StoreError(f"corrupt inventory row for instance {name!r}: {err}") from err
+
+    def _read_instance(self, conn: sqlite3.Connection, name: str) -> InstanceRecord | None:
+        row = conn.execute(
+            "SELECT name, spec, primary_node, admin_state, pending_cleanup, version FROM instances WHERE name = ?", (name,)
+        ).fetchone()
+        return None if row is None else self._record_from_row(row)
+
+    def _write_instance(self, conn: sqlite3.Connection, record: InstanceRecord, now: float) -> None:
+        conn.execute(
+            "INSERT OR REPLACE INTO instances (name, spec, primary_node, admin_state, pending_cleanup, version, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                record.name,
+                _dumps(record.spec),
+                record.primary,
+                record.admin_state.value,
+                _dumps(list(record.pending_cleanup)),
+                record.version,
+                now,
+            ),
+        )
+
+    def _apply_inventory(self, conn: sqlite3.Connection, changes: Sequence[InventoryChange], job_id: int | None, now: float) -> None:
+        for change in changes:
+            record = self._read_instance(conn, change.instance)
+            if record is None:
+                raise InstanceNotKnown(f"inventory change {change!r}: no instance {change.instance!r}")
+            self._write_instance(conn, apply_change(record, change, job_id=job_id), now)
+
+    async def instances(self) -> dict[str, InstanceRecord]:
+        def work(conn: sqlite3.Connection) -> dict[str, InstanceRecord]:
+            rows = conn.execute(
+                "SELECT name, spec, primary_node, admin_state, pending_cleanup, version FROM instances ORDER BY name"
+            ).fetchall()
+            return {r[0]: self._record_from_row(r) for r in rows}
+
+        return await self._run(work)
+
+    async def add_instance(self, record: InstanceRecord, *, now: float, replace: bool = False) -> None:
+        def work(conn: sqlite3.Connection) -> None:
+            if not replace and self._read_instance(conn, record.name) is not None:
+                raise StoreError(f"instance {record.name!r} already exists")
+            self._write_instance(conn, record, now)
+            self._event(conn, None, "inventory", {"added": record.name, "primary": record.primary}, now)
+
+        await self._txn(work)
+
+    async def remove_instance(self, name: str, *, now: float) -> None:
+        def work(conn: sqlite3.Connection) -> None:
+            cur = conn.execute("DELETE FROM instances WHERE name = ?", (name,))
+            if cur.rowcount == 0:
+                raise InstanceNotKnown(f"no instance {name!r}")
+            self._event(conn, None, "inventory", {"removed": name}, now)
+
+        await self._txn(work)
+
+    async def apply_inventory(self, changes: Sequence[InventoryChange], *, job_id: int | None, now: float) -> None:
+        await self._txn(lambda conn: self._apply_inventory(conn, changes, job_id, now))

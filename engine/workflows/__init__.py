@@ -1,0 +1,8 @@
+"""Built-in workflows; importing this package registers them.
+
+A new operation's workflow is a new module here, imported below.
+"""
+
+from __future__ import annotations
+
+from . import noop, reboot, start, stop  # noqa: F401
