@@ -43,3 +43,7 @@ class HostKeyError(NodeUnreachable):
 
 class ConfigError(TransportError):
     """A cluster description is invalid (names the file, key and reason)."""
+
+
+class UnknownNode(TransportError, KeyError):
+    """The transport knows no node by that name."""

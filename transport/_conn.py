@@ -1,0 +1,269 @@
+"""What the local and SSH transports share: per-node connections, calls, backoff.
+
+A transport must be entered (``async with transport:``) in the task that will
+close it: it owns a task group in which each node's connection (its agent
+stream reader, for SSH the connection itself) runs. A node's connection is
+opened on first use and reused; when it dies, the next call opens a new one,
+after a backoff if the last attempt failed.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+import random
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import anyio
+import anyio.abc
+import structlog
+
+from hv.errors import HypervisorError
+
+from ._base import NodeClient, ProgressCallback, Transport
+from .client import AgentConnection
+from .errors import CallTimeout, NodeUnreachable, ProtocolError, TransportError, UnknownNode
+from .faults import TransportFaults
+from .protocol import decode_result, encode_params
+
+log = structlog.get_logger("herd.transport")
+
+
+class NodeState:
+    """One node's connection and reconnect bookkeeping."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.lock = anyio.Lock()
+        self.conn: AgentConnection | None = None
+        self.hangup: Callable[[], None] | None = None  # drops the link (sync)
+        self.backoff = 0.0
+        self.retry_at = -math.inf
+        self.last_error: str | None = None
+        self.connects = 0  # successful connection count (tests, metrics)
+        self.task_done: anyio.Event | None = None  # set when the connection task ended
+
+
+class _Client(NodeClient):
+    def __init__(self, transport: ConnectionTransport, name: str) -> None:
+        self._transport = transport
+        self.name = name
+
+    async def call(
+        self,
+        method: str,
+        /,
+        *args: Any,
+        call_timeout: float | None = None,
+        on_progress: ProgressCallback | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        return await self._transport._call(self.name, method, args, kwargs, call_timeout, on_progress)
+
+    async def connection(self) -> AgentConnection:
+        """The node's live agent connection (opened if needed): tests, raw frames."""
+        return await self._transport._connection(self._transport._state(self.name))
+
+    def __repr__(self) -> str:
+        return f"<NodeClient {self.name} via {type(self._transport).__name__}>"
+
+
+class ConnectionTransport(Transport):
+    """Base of :class:`LocalTransport` and :class:`SshTransport`."""
+
+    def __init__(
+        self,
+        names: Iterable[str],
+        *,
+        call_timeout: float | None,
+        backoff_min: float = 0.2,
+        backoff_max: float = 5.0,
+        connect_timeout: float = 10.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._states = {name: NodeState(name) for name in names}
+        self.call_timeout = call_timeout
+        self.backoff_min = backoff_min
+        self.backoff_max = backoff_max
+        self.connect_timeout = connect_timeout
+        self._rng = rng or random.Random()
+        self.faults = TransportFaults()
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._closed = False
+
+    # --- Transport -----------------------------------------------------------
+
+    @property
+    def node_names(self) -> list[str]:
+        return list(self._states)
+
+    def node(self, name: str) -> _Client:
+        self._state(name)
+        return _Client(self, name)
+
+    async def __aenter__(self) -> ConnectionTransport:
+        if self._tg is not None or self._closed:
+            raise TransportError(f"{type(self).__name__} can be entered once")
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        self._tg = tg
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Hang up every node (their agents cancel what runs and exit), then stop."""
+        if self._closed:
+            return
+        self._closed = True
+        tg, self._tg = self._tg, None
+        with anyio.CancelScope(shield=True):
+            for state in self._states.values():
+                self._hangup(state, "transport closed")
+            # Give connection tasks a moment to finish their cleanup (agents
+            # cancel their calls and exit, SSH channels close) before cancelling.
+            with anyio.move_on_after(10):
+                for state in self._states.values():
+                    if state.task_done is not None:
+                        await state.task_done.wait()
+        if tg is not None:
+            tg.cancel_scope.cancel()
+            await tg.__aexit__(None, None, None)
+
+    # --- fault injection / chaos ---------------------------------------------
+
+    async def drop_connection(self, name: str) -> None:
+        """Drop the node's connection now (calls in flight fail NodeUnreachable)."""
+        state = self._state(name)
+        conn = state.conn
+        self._hangup(state, "connection dropped")
+        if conn is not None:
+            await conn.wait_closed()
+
+    def connection_count(self, name: str) -> int:
+        """How many times the node's connection was (re)opened."""
+        return self._state(name).connects
+
+    # --- internals -----------------------------------------------------------
+
+    def _state(self, name: str) -> NodeState:
+        try:
+            return self._states[name]
+        except KeyError:
+            raise UnknownNode(f"unknown node {name!r} (known: {', '.join(self._states)})") from None
+
+    def _hangup(self, state: NodeState, reason: str) -> None:
+        if state.conn is not None:
+            state.conn.close(reason)
+        if state.hangup is not None:
+            try:
+                state.hangup()
+            except Exception as err:  # noqa: BLE001 - best effort
+                log.warning("hangup failed", node=state.name, error=repr(err))
+
+    async def _call(
+        self,
+        name: str,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        call_timeout: float | None,
+        on_progress: ProgressCallback | None,
+    ) -> Any:
+        state = self._state(name)
+        try:
+            params = encode_params(method, args, kwargs)
+        except ProtocolError as err:
+            err.node = name
+            raise
+        timeout = call_timeout if call_timeout is not None else self.call_timeout
+        after_send = None
+        if self.faults.take_drop(name, method):
+            after_send = lambda: self._hangup(state, f"connection dropped by fault injection during {method}")  # noqa: E731
+        try:
+            with anyio.fail_after(timeout):
+                await self.faults.hit(name, method)
+                conn = await self._connection(state)
+                raw = await conn.call(method, params, on_progress=on_progress, after_send=after_send)
+        except TimeoutError as err:
+            if isinstance(err, (TransportError, HypervisorError)):
+                raise
+            raise CallTimeout(
+                f"{method} on node {name} did not answer within its deadline of {timeout:g}s; cancelled",
+                node=name,
+            ) from None
+        try:
+            return decode_result(method, raw)
+        except ProtocolError as err:
+            err.node = name
+            raise
+
+    async def _connection(self, state: NodeState) -> AgentConnection:
+        if self._tg is None:
+            raise TransportError(
+                f"{type(self).__name__} is not open: use `async with transport:`"
+                + (" (it was closed)" if self._closed else ""),
+                node=state.name,
+            )
+        async with state.lock:
+            if state.conn is not None and state.conn.alive:
+                return state.conn
+            now = anyio.current_time()
+            if now < state.retry_at:
+                raise NodeUnreachable(
+                    f"not reconnecting for another {state.retry_at - now:.1f}s (backoff); last error: {state.last_error}",
+                    node=state.name,
+                )
+            try:
+                conn: AgentConnection = await self._tg.start(self._run_connection, state)
+            except TransportError as err:
+                self._note_failure(state, err)
+                raise
+            except Exception as err:  # noqa: BLE001 - any failure to connect means unreachable
+                self._note_failure(state, err)
+                raise NodeUnreachable(f"cannot connect: {err!r}", node=state.name) from err
+            state.backoff = 0.0
+            state.retry_at = -math.inf
+            state.last_error = None
+            state.connects += 1
+            state.conn = conn
+            return conn
+
+    def _note_failure(self, state: NodeState, err: BaseException) -> None:
+        state.last_error = str(err)
+        base = self.backoff_min if state.backoff == 0 else min(self.backoff_max, state.backoff * 2)
+        state.backoff = base
+        # Jitter in [base/2, base] so that many engines do not reconnect in step.
+        state.retry_at = anyio.current_time() + base * (0.5 + 0.5 * self._rng.random())
+        log.warning("connect failed", node=state.name, error=str(err), retry_in=round(state.retry_at - anyio.current_time(), 2))
+
+    async def _run_connection(self, state: NodeState, *, task_status: anyio.abc.TaskStatus[AgentConnection]) -> None:
+        started = False
+        state.task_done = done = anyio.Event()
+
+        def report(conn: AgentConnection) -> None:
+            nonlocal started
+            started = True
+            task_status.started(conn)
+
+        try:
+            await self._serve_connection(state, report)
+        except Exception as err:
+            if not started:
+                raise
+            log.error("connection task failed", node=state.name, error=repr(err))
+        finally:
+            state.hangup = None
+            if state.conn is not None:
+                state.conn.close("connection closed")
+            done.set()
+
+    @abc.abstractmethod
+    async def _serve_connection(self, state: NodeState, started: Callable[[AgentConnection], None]) -> None:
+        """Open the node's agent stream, call ``started(conn)``, serve until it ends.
+
+        Must set ``state.hangup`` to a callable that closes the link, and
+        raise a :class:`TransportError` when the link cannot be opened.
+        """

@@ -1,0 +1,261 @@
+"""The cluster description: which nodes, how to reach them, which driver they run.
+
+Loaded from TOML by :func:`load_cluster`::
+
+    [cluster]
+    name = "lab"
+    transport = "ssh"            # default for nodes: "local" | "ssh"
+    user = "root"                # defaults for every node (a node may override)
+    identity_file = "id_ed25519" # relative paths are relative to this file
+    known_hosts = "known_hosts"
+    connect_timeout = 10.0       # TCP + SSH handshake + agent hello, seconds
+    keepalive_interval = 1.0     # SSH keepalive period, seconds
+    keepalive_count_max = 2      # unanswered keepalives before the node is unreachable
+    reconnect_backoff_min = 0.2  # first wait after a failed connect, seconds
+    reconnect_backoff_max = 5.0  # the wait doubles up to this
+    call_timeout = 300.0         # default deadline of one call, seconds
+
+    [nodes.n1]
+    address = "10.0.0.1"
+    port = 22
+    hypervisor = "fake"          # "fake" | "kvm"
+    agent_command = ["python3", "-m", "transport.agent"]   # argv; --node … is appended
+    [nodes.n1.hv_options]
+    state_dir = "/var/lib/herd/n1"
+
+``[instances]`` and ``[engine]`` belong to the engine and are ignored here;
+any other unknown table or key is an error naming the file, key and reason.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from .errors import ConfigError
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+DEFAULT_AGENT_COMMAND = ("python3", "-m", "transport.agent")
+_ENGINE_TABLES = frozenset({"instances", "engine"})
+
+
+class NodeConfig(msgspec.Struct, kw_only=True, frozen=True):
+    """How to reach one node and what it runs."""
+
+    name: str
+    address: str = "127.0.0.1"
+    port: int = 22
+    user: str | None = None
+    identity_file: str | None = None
+    known_hosts: str | None = None
+    hypervisor: str = "fake"
+    hv_options: dict[str, Any] = msgspec.field(default_factory=dict)
+    agent_command: list[str] | None = None
+    transport: Literal["local", "ssh"] = "ssh"
+
+    def agent_argv(self) -> list[str]:
+        """The agent's full argv: the command, then this node's options (JSON values)."""
+        argv = list(self.agent_command or DEFAULT_AGENT_COMMAND)
+        argv += ["--node", self.name, "--hypervisor", self.hypervisor]
+        for key, value in self.hv_options.items():
+            argv += ["--hv-option", f"{key}={msgspec.json.encode(value).decode()}"]
+        return argv
+
+
+class ClusterConfig(msgspec.Struct, kw_only=True, frozen=True):
+    """A whole cluster: nodes plus the SSH and call-timeout knobs."""
+
+    name: str
+    nodes: dict[str, NodeConfig]
+    connect_timeout: float = 10.0
+    keepalive_interval: float = 1.0
+    keepalive_count_max: int = 2
+    reconnect_backoff_min: float = 0.2
+    reconnect_backoff_max: float = 5.0
+    call_timeout: float | None = 300.0
+    source: str | None = None  # the file it came from
+
+    def to_toml(self) -> str:
+        """This description as TOML that :func:`load_cluster` reads back."""
+        lines = ["[cluster]", f"name = {_toml(self.name)}"]
+        for key in (
+            "connect_timeout",
+            "keepalive_interval",
+            "keepalive_count_max",
+            "reconnect_backoff_min",
+            "reconnect_backoff_max",
+            "call_timeout",
+        ):
+            value = getattr(self, key)
+            if value is not None:
+                lines.append(f"{key} = {_toml(value)}")
+        for node in self.nodes.values():
+            lines += ["", f"[nodes.{_toml(node.name)}]"]
+            for key in ("address", "port", "user", "identity_file", "known_hosts", "hypervisor", "agent_command", "transport"):
+                value = getattr(node, key)
+                if value is not None:
+                    lines.append(f"{key} = {_toml(value)}")
+            if node.hv_options:
+                lines.append(f"[nodes.{_toml(node.name)}.hv_options]")
+                lines += [f"{_toml(k)} = {_toml(v)}" for k, v in node.hv_options.items()]
+        return "\n".join(lines) + "\n"
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return msgspec.json.encode(value).decode()  # a JSON string is a valid TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_toml(k)} = {_toml(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+class _ClusterTable(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    name: str
+    transport: Literal["local", "ssh"] = "ssh"
+    user: str | None = None
+    identity_file: str | None = None
+    known_hosts: str | None = None
+    hypervisor: str = "fake"
+    agent_command: list[str] | None = None
+    connect_timeout: float = 10.0
+    keepalive_interval: float = 1.0
+    keepalive_count_max: int = 2
+    reconnect_backoff_min: float = 0.2
+    reconnect_backoff_max: float = 5.0
+    call_timeout: float | None = 300.0
+
+
+class _NodeTable(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    address: str = "127.0.0.1"
+    port: int = 22
+    user: str | None = None
+    identity_file: str | None = None
+    known_hosts: str | None = None
+    hypervisor: str | None = None
+    hv_options: dict[str, Any] = msgspec.field(default_factory=dict)
+    agent_command: list[str] | None = None
+    transport: Literal["local", "ssh"] | None = None
+
+
+def load_cluster(path: str | os.PathLike[str]) -> ClusterConfig:
+    """Read and validate a cluster TOML file (ConfigError names file, key, reason)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read: {err}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    return parse_cluster(data, source=str(path), base_dir=path.parent)
+
+
+def parse_cluster(data: dict[str, Any], *, source: str = "<cluster>", base_dir: Path | None = None) -> ClusterConfig:
+    """Validate an already parsed cluster description."""
+
+    def fail(key: str, reason: str) -> ConfigError:
+        return ConfigError(f"{source}: {key}: {reason}")
+
+    for key in data:
+        if key not in ("cluster", "nodes") and key not in _ENGINE_TABLES:
+            raise fail(key, "unknown table (known: cluster, nodes; engine tables: instances, engine)")
+    if "cluster" not in data:
+        raise fail("cluster", "missing table (it needs at least `name`)")
+    cluster = _convert(data["cluster"], _ClusterTable, "cluster", fail)
+    if not _NAME.match(cluster.name):
+        raise fail("cluster.name", f"{cluster.name!r} is not a valid name (letters, digits, . _ -)")
+    raw_nodes = data.get("nodes")
+    if not isinstance(raw_nodes, dict) or not raw_nodes:
+        raise fail("nodes", "missing or empty: describe at least one node as [nodes.NAME]")
+    for key in ("connect_timeout", "keepalive_interval", "reconnect_backoff_min", "reconnect_backoff_max"):
+        if getattr(cluster, key) <= 0:
+            raise fail(f"cluster.{key}", f"must be > 0, got {getattr(cluster, key)!r}")
+    if cluster.call_timeout is not None and cluster.call_timeout <= 0:
+        raise fail("cluster.call_timeout", f"must be > 0, got {cluster.call_timeout!r}")
+    if cluster.keepalive_count_max < 1:
+        raise fail("cluster.keepalive_count_max", f"must be ≥ 1, got {cluster.keepalive_count_max!r}")
+    if cluster.reconnect_backoff_max < cluster.reconnect_backoff_min:
+        raise fail("cluster.reconnect_backoff_max", "must be ≥ reconnect_backoff_min")
+
+    def resolve(value: str | None, key: str) -> str | None:
+        if value is None:
+            return None
+        p = Path(value).expanduser()
+        if not p.is_absolute() and base_dir is not None:
+            p = base_dir / p
+        return str(p)
+
+    nodes: dict[str, NodeConfig] = {}
+    for name, raw in raw_nodes.items():
+        where = f"nodes.{name}"
+        if not _NAME.match(name):
+            raise fail(where, f"{name!r} is not a valid node name (letters, digits, . _ -)")
+        if not isinstance(raw, dict):
+            raise fail(where, "must be a table")
+        table = _convert(raw, _NodeTable, where, fail)
+        if not 0 < table.port < 65536:
+            raise fail(f"{where}.port", f"must be in 1..65535, got {table.port}")
+        if not table.address or any(c.isspace() for c in table.address):
+            raise fail(f"{where}.address", f"invalid address {table.address!r}")
+        hypervisor = table.hypervisor or cluster.hypervisor
+        if hypervisor not in ("fake", "kvm") and ":" not in hypervisor:
+            raise fail(f"{where}.hypervisor", f"must be 'fake' or 'kvm' (or module:Class), got {hypervisor!r}")
+        command = table.agent_command if table.agent_command is not None else cluster.agent_command
+        if command is not None and (not command or not all(command)):
+            raise fail(f"{where}.agent_command", "must be a non-empty list of non-empty strings")
+        transport = table.transport or cluster.transport
+        node = NodeConfig(
+            name=name,
+            address=table.address,
+            port=table.port,
+            user=table.user or cluster.user,
+            identity_file=resolve(table.identity_file or cluster.identity_file, f"{where}.identity_file"),
+            known_hosts=resolve(table.known_hosts or cluster.known_hosts, f"{where}.known_hosts"),
+            hypervisor=hypervisor,
+            hv_options=dict(table.hv_options),
+            agent_command=list(command) if command is not None else None,
+            transport=transport,
+        )
+        if transport == "ssh":
+            for key in ("user", "identity_file", "known_hosts"):
+                if getattr(node, key) is None:
+                    raise fail(f"{where}.{key}", "required for the ssh transport (set it here or in [cluster])")
+        nodes[name] = node
+    return ClusterConfig(
+        name=cluster.name,
+        nodes=nodes,
+        connect_timeout=cluster.connect_timeout,
+        keepalive_interval=cluster.keepalive_interval,
+        keepalive_count_max=cluster.keepalive_count_max,
+        reconnect_backoff_min=cluster.reconnect_backoff_min,
+        reconnect_backoff_max=cluster.reconnect_backoff_max,
+        call_timeout=cluster.call_timeout,
+        source=source,
+    )
+
+
+def _convert(raw: Any, type_: type, where: str, fail: Any) -> Any:
+    try:
+        return msgspec.convert(raw, type_, strict=True)
+    except msgspec.ValidationError as err:
+        text = str(err)
+        # "Object contains unknown field `x` - at `$`" / "Expected `int`, got `str` - at `$.port`"
+        match = re.search(r" - at `\$(.*)`$", text)
+        key = where + (match.group(1) if match else "")
+        reason = text[: match.start()] if match else text
+        unknown = re.search(r"unknown field `([^`]*)`", reason)
+        if unknown:
+            key, reason = f"{key}.{unknown.group(1)}", "unknown key"
+        raise fail(key, reason) from None

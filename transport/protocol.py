@@ -1,0 +1,290 @@
+"""The node agent's wire protocol: newline-delimited JSON frames.
+
+Why NDJSON: a line is trivially framed over an SSH exec channel (stdin /
+stdout of the agent), debuggable by eye, and JSON carries every hv Struct
+through msgspec. A frame is one JSON object on one line; every frame carries
+the protocol version ``v``.
+
+Frames (``id`` is an int or a str chosen by the caller, unique while in flight)::
+
+    agent → client   {"v": 1, "hello": {"node": …, "hypervisor": …, "pid": …}}
+    client → agent   {"v": 1, "id": 7, "method": "get_node_info", "params": {"hvparams": null}}
+    client → agent   {"v": 1, "id": 7, "cancel": true}
+    agent → client   {"v": 1, "id": 7, "progress": {…}}              (0..n, long calls)
+    agent → client   {"v": 1, "id": 7, "result": …}                  (one of these three)
+    agent → client   {"v": 1, "id": 7, "error": {"kind", "class", "message", "node"}}
+    agent → client   {"v": 1, "id": 7, "cancelled": true}            (after a cancel: cleanup ran)
+
+``params`` maps the driver method's parameter names to their values; both
+sides decode values against :class:`hv.BaseHypervisor`'s annotations (see
+:data:`METHODS`), so a wrong type is refused with the parameter and the path
+inside it. An error about a frame that has no usable id carries ``"id": null``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from hv import REMOTE_METHODS, BaseHypervisor
+from hv.errors import ERROR_CLASSES, HypervisorError
+
+from .errors import ProtocolError
+
+#: Bumped on any incompatible change of the frames or of a method's encoding.
+PROTOCOL_VERSION = 1
+
+#: Largest frame the agent accepts (a request); bigger ones are refused whole.
+MAX_REQUEST_FRAME = 1 << 20
+#: Largest frame the client accepts (a reply can carry a long instance list).
+MAX_REPLY_FRAME = 16 << 20
+
+#: Error ``kind`` values: a driver's hv error, a broken frame, a driver bug.
+KIND_HV = "hv"
+KIND_PROTOCOL = "protocol"
+KIND_INTERNAL = "internal"
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder()
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What crosses the wire for one method: parameter types and result type."""
+
+    name: str
+    signature: inspect.Signature
+    params: dict[str, Any]  # name → type (annotation)
+    required: frozenset[str]
+    result: Any
+
+
+def _build_spec(name: str, func: Callable[..., Any], hints: dict[str, Any] | None = None) -> MethodSpec:
+    sig = inspect.signature(func)
+    hints = typing.get_type_hints(func) if hints is None else hints
+    params: dict[str, Any] = {}
+    required: set[str] = set()
+    for pname, param in sig.parameters.items():
+        if pname == "self":
+            continue
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            raise TypeError(f"{name}: *args/**kwargs cannot cross the wire")
+        params[pname] = hints.get(pname, Any)
+        if param.default is inspect.Parameter.empty:
+            required.add(pname)
+    return MethodSpec(name, sig, params, frozenset(required), hints.get("return", Any))
+
+
+async def _ping_signature() -> dict[str, Any]:  # pragma: no cover - signature only
+    """The agent's own ``ping``: no parameters, a dict about the agent."""
+    return {}
+
+
+#: Every method an agent serves, by name: the hv driver methods plus ``ping``.
+METHODS: dict[str, MethodSpec] = {
+    name: _build_spec(name, getattr(BaseHypervisor, name)) for name in REMOTE_METHODS
+}
+METHODS["ping"] = _build_spec("ping", _ping_signature, {"return": dict[str, Any]})
+
+
+# --- encoding ------------------------------------------------------------------
+
+
+def encode_frame(frame: dict[str, Any]) -> bytes:
+    """One frame as a line (the version is added here, never forgotten)."""
+    return _encoder.encode({"v": PROTOCOL_VERSION, **frame}) + b"\n"
+
+
+def to_wire(value: Any) -> Any:
+    """A Python value (hv Structs, enums, tuples…) as JSON-able builtins."""
+    return msgspec.to_builtins(value)
+
+
+def from_wire(value: Any, type_: Any, *, where: str) -> Any:
+    """Decode a JSON value into ``type_``; a mismatch names ``where`` and the path."""
+    try:
+        return msgspec.convert(value, type_, strict=True)
+    except msgspec.ValidationError as err:
+        raise ProtocolError(f"{where}: {_path_message(err, where)}") from None
+
+
+def _path_message(err: msgspec.ValidationError, where: str) -> str:
+    # msgspec says "... - at `$.a.b`"; name the path under ``where`` instead of ``$``.
+    text = str(err)
+    return text.replace("`$", f"`{where}")
+
+
+def encode_params(method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Bind a call's arguments to ``method``'s parameter names (TypeError if they don't fit)."""
+    spec = method_spec(method)
+    bound = spec.signature.bind(*((None,) if "self" in spec.signature.parameters else ()), *args, **kwargs)
+    return {name: to_wire(value) for name, value in bound.arguments.items() if name != "self"}
+
+
+def decode_params(method: str, params: Any) -> dict[str, Any]:
+    """Validate and decode a request's ``params`` into the method's real types."""
+    spec = method_spec(method)
+    if not isinstance(params, dict):
+        raise ProtocolError(f"'params' of {method} must be an object, got {_json_type(params)}")
+    unknown = sorted(set(params) - set(spec.params))
+    if unknown:
+        raise ProtocolError(
+            f"unknown parameter {unknown[0]!r} for method {method!r} (accepted: {', '.join(spec.params) or 'none'})"
+        )
+    missing = sorted(spec.required - set(params))
+    if missing:
+        raise ProtocolError(f"missing parameter {missing[0]!r} for method {method!r}")
+    return {name: from_wire(value, spec.params[name], where=f"params.{name}") for name, value in params.items()}
+
+
+def decode_result(method: str, value: Any) -> Any:
+    return from_wire(value, method_spec(method).result, where=f"result of {method}")
+
+
+def method_spec(method: str) -> MethodSpec:
+    try:
+        return METHODS[method]
+    except KeyError:
+        raise ProtocolError(f"unknown method {method!r}") from None
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number" if isinstance(value, (int, float)) else type(value).__name__
+    )
+
+
+# --- errors across the wire ------------------------------------------------------
+
+
+def error_payload(err: BaseException, *, node: str | None) -> dict[str, Any]:
+    """How an exception raised on the node is described in an error frame."""
+    if isinstance(err, HypervisorError):
+        return {"kind": KIND_HV, "class": type(err).__name__, "message": err.message, "node": err.node or node}
+    if isinstance(err, ProtocolError):
+        return {"kind": KIND_PROTOCOL, "class": "ProtocolError", "message": err.message, "node": node}
+    return {"kind": KIND_INTERNAL, "class": type(err).__name__, "message": str(err), "node": node}
+
+
+def error_from_payload(payload: Any, *, node: str, method: str) -> Exception:
+    """Rebuild the exception an error frame describes (the same hv class, node set)."""
+    if not isinstance(payload, dict) or not isinstance(payload.get("message"), str):
+        return ProtocolError(f"malformed error in reply to {method}: {payload!r:.200}", node=node)
+    cls_name = payload.get("class")
+    message = payload["message"]
+    err_node = payload.get("node") if isinstance(payload.get("node"), str) else node
+    kind = payload.get("kind")
+    if kind == KIND_PROTOCOL:
+        return ProtocolError(f"{method}: agent refused the call: {message}", node=err_node)
+    cls = ERROR_CLASSES.get(cls_name) if kind == KIND_HV and isinstance(cls_name, str) else None
+    if cls is not None:
+        return cls(message, node=err_node)
+    return HypervisorError(f"{cls_name}: {message}" if cls_name else message, node=err_node)
+
+
+# --- framing ---------------------------------------------------------------------
+
+
+class Oversized:
+    """Marker yielded by :class:`FrameReader` for a frame over the size limit."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+
+class FrameReader:
+    """Splits a byte stream into lines, refusing (not buffering) oversized ones.
+
+    ``receive`` returns the next chunk, or ``b""`` at end of stream.
+    """
+
+    def __init__(self, receive: Callable[[], Awaitable[bytes]], max_frame: int) -> None:
+        self._receive = receive
+        self._max = max_frame
+        self._buf = bytearray()
+        self._eof = False
+        self._discarding = 0  # bytes dropped so far of an oversized frame
+
+    async def next(self) -> bytes | Oversized | None:
+        """The next frame (without its newline), an :class:`Oversized`, or None at EOF."""
+        while True:
+            nl = self._buf.find(b"\n")
+            if nl >= 0:
+                line = bytes(self._buf[:nl])
+                del self._buf[: nl + 1]
+                if self._discarding:
+                    size = self._discarding + len(line)
+                    self._discarding = 0
+                    return Oversized(size)
+                if len(line) > self._max:
+                    return Oversized(len(line))
+                return line
+            if len(self._buf) > self._max:
+                self._discarding += len(self._buf)
+                self._buf.clear()
+            if self._eof:
+                if self._discarding:
+                    size, self._discarding = self._discarding + len(self._buf), 0
+                    self._buf.clear()
+                    return Oversized(size)
+                if self._buf:  # a last frame without its newline
+                    line = bytes(self._buf)
+                    self._buf.clear()
+                    return line
+                return None
+            chunk = await self._receive()
+            if not chunk:
+                self._eof = True
+            else:
+                self._buf += chunk
+
+
+def decode_frame(line: bytes) -> dict[str, Any]:
+    """Parse one line into a frame object (ProtocolError says why not)."""
+    try:
+        frame = _decoder.decode(line)
+    except msgspec.DecodeError as err:
+        raise ProtocolError(f"frame is not valid JSON ({err}): {line[:80]!r}") from None
+    if not isinstance(frame, dict):
+        raise ProtocolError(f"frame must be a JSON object, got {_json_type(frame)}")
+    return frame
+
+
+def check_version(frame: dict[str, Any]) -> None:
+    if "v" not in frame:
+        raise ProtocolError(f"frame has no protocol version 'v' (this side speaks v={PROTOCOL_VERSION})")
+    version = frame["v"]
+    if version != PROTOCOL_VERSION or isinstance(version, bool):
+        raise ProtocolError(f"protocol version mismatch: frame has v={version!r}, this side speaks v={PROTOCOL_VERSION}")
+
+
+def valid_id(value: Any) -> bool:
+    return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and 0 < len(value) <= 128)
+
+
+__all__ = [
+    "MAX_REPLY_FRAME",
+    "MAX_REQUEST_FRAME",
+    "METHODS",
+    "PROTOCOL_VERSION",
+    "FrameReader",
+    "MethodSpec",
+    "Oversized",
+    "check_version",
+    "decode_frame",
+    "decode_params",
+    "decode_result",
+    "encode_frame",
+    "encode_params",
+    "error_from_payload",
+    "error_payload",
+    "from_wire",
+    "method_spec",
+    "to_wire",
+    "valid_id",
+]
