@@ -7,6 +7,7 @@ import signal
 import stat
 
 import anyio
+import msgspec
 import pytest
 
 import hv
@@ -88,6 +89,35 @@ async def test_reboot_balloon_and_raw_qmp(nodes: Nodes) -> None:
     with pytest.raises(QmpCommandError) as err:
         await drv.qmp_command("vm1", "no-such-command")
     assert err.value.error_class == "CommandNotFound" and "vm1" in str(err.value)
+
+
+async def test_vnc_console(nodes: Nodes) -> None:
+    drv = nodes.make("n1")
+    inst = instance(mem=64, vnc_bind_address="127.0.0.1", serial_console=False)
+    await drv.start_instance(inst)
+    console = await drv.get_instance_console(inst)
+    assert console.kind == "vnc" and console.host == "127.0.0.1" and console.port is not None and 5900 <= console.port < 6000
+    async with await anyio.connect_tcp(console.host, console.port) as stream:
+        assert (await stream.receive())[:4] == b"RFB "
+
+
+async def test_tap_nic_when_root(nodes: Nodes) -> None:
+    """A routed NIC gets a TAP device on this node (root and /dev/net/tun); user networking otherwise."""
+    drv = nodes.make("n1")
+    inst = msgspec.structs.replace(instance(mem=64), nics=(hv.Nic(mac="52:54:00:00:00:01", mode=hv.NicMode.ROUTED),))
+    await drv.start_instance(inst)
+    rt = drv.run_dir.read_runtime("vm1")
+    assert rt is not None
+    if os.geteuid() != 0 or not os.path.exists("/dev/net/tun"):
+        assert rt.taps == [None]  # fell back to user networking
+        return
+    tap = rt.taps[0]
+    assert tap is not None and tap.startswith("gnt.com.")
+    shown = await anyio.run_process(["ip", "-o", "link", "show", "dev", tap])
+    assert b"UP" in shown.stdout
+    await drv.stop_instance(inst, force=True)
+    gone = await anyio.run_process(["ip", "-o", "link", "show", "dev", tap], check=False)
+    assert gone.returncode != 0
 
 
 async def test_hotplug_nic_and_disk(nodes: Nodes) -> None:

@@ -161,3 +161,21 @@ async def test_accept_allocates_distinct_ports_and_checks_input(nodes: Nodes) ->
         await dst.finalize_migration_dst(inst, "", success=True)
         await src.finalize_migration_source(inst, success=True, live=True)
     assert await dst.list_instances() == ["a", "b"]
+
+
+async def test_migration_carries_hotplugged_devices(nodes: Nodes) -> None:
+    """The target is started with what was hotplugged on the source, or the device states would not match."""
+    inst = instance(mem=64, hotplug_slots=1)
+    src, dst = nodes.make("src"), nodes.make("dst")
+    await src.start_instance(inst)
+    await src.hot_add_device(inst, "nic", hv.Nic(mac="52:54:00:aa:bb:cc"), None, 3)
+    info = await src.migration_info(inst)
+    target = await dst.accept_instance(inst, info, "")
+    await src.migrate_instance("cluster", inst, target, live=True)
+    assert (await wait_status(src, inst, lambda s: s.is_final)).status == "completed"
+    await dst.finalize_migration_dst(inst, info, success=True)
+    await src.finalize_migration_source(inst, success=True, live=True)
+    mac = await dst.qmp_command("vm1", "qom-get", {"path": "/machine/peripheral/hotnic3", "property": "mac"})
+    assert mac == "52:54:00:aa:bb:cc"
+    rt = dst.run_dir.read_runtime("vm1")
+    assert rt is not None and [d.device_id for d in rt.hotplugged] == ["hotnic3"]
