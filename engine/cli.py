@@ -1,0 +1,206 @@
+"""``herd``: a thin command line over the Engine API (a skeleton; a later
+issue adds live progress bars and the daemon/HTTP side).
+
+Without a daemon, ``herd submit`` runs the job in this process until it is
+final (``--no-wait`` leaves it queued for the next engine to open the store).
+``list``/``show``/``watch`` read the store; ``cancel`` opens an engine on the
+store (recovering what was running) and cancels.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import anyio
+import msgspec
+import typer
+
+from ._engine import Engine
+from ._jobs import Event, Job, JobState
+from ._ops import op_from_dict
+from ._store import SqliteStore
+from .errors import EngineError
+
+app = typer.Typer(add_completion=False, help="herd: durable, cancellable VM jobs.")
+
+StoreOpt = typer.Option(Path(".herd/herd.db"), "--store", help="the job store (SQLite file)")
+ClusterOpt = typer.Option(Path("cluster.toml"), "--cluster", help="the cluster file (nodes + instances)")
+JsonOpt = typer.Option(False, "--json", help="machine-readable output (JSON lines)")
+
+
+def _emit(data: Any, as_json: bool, text: str) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(msgspec.to_builtins(data)) + "\n")
+    else:
+        sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def _job_line(job: Job) -> str:
+    extra = f"  error: {job.error}" if job.error else ""
+    return f"{job.id:>6}  {job.state.value:<10}  p{job.priority:<3}  {job.op.summary()}{extra}"
+
+
+def _event_line(ev: Event) -> str:
+    fields = " ".join(f"{k}={v}" for k, v in ev.data.items())
+    return f"#{ev.seq} job {ev.job_id} {ev.kind} {fields}"
+
+
+def _parse_args(args: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"expected key=value, got {arg!r}")
+        try:
+            out[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.replace("-", "_")] = value
+    return out
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"herd: {message}", err=True)
+    raise typer.Exit(1)
+
+
+@app.command()
+def submit(
+    kind: str = typer.Argument(..., help="operation kind: start-instance, stop-instance, reboot-instance, …"),
+    args: list[str] = typer.Argument(None, help="operation fields as key=value (JSON values)"),
+    priority: int = typer.Option(0, "--priority", "-p", help="-20 (first) … 19 (last)"),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="run the job here until it is final"),
+    store: Path = StoreOpt,
+    cluster: Path = ClusterOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Submit an operation, e.g. ``herd submit stop-instance instance=web1 timeout=30``."""
+
+    async def main() -> int:
+        op = op_from_dict({"kind": kind, **_parse_args(args or [])})
+        async with Engine.open(store=store, cluster=cluster) as engine:
+            job_id = await engine.submit(op, priority=priority)
+            if not wait:
+                _emit({"job_id": job_id}, as_json, f"job {job_id} queued")
+                return 0
+            async for ev in engine.watch(job_id):
+                _emit(ev, as_json, _event_line(ev))
+            job = await engine.wait(job_id)
+            if not as_json:
+                _emit(job, as_json, _job_line(job))
+            return 0 if job.state is JobState.SUCCEEDED else 2
+
+    try:
+        code = anyio.run(main)
+    except EngineError as err:
+        _fail(str(err))
+    raise typer.Exit(code)
+
+
+@app.command("list")
+def list_jobs(
+    state: Optional[list[str]] = typer.Option(None, "--state", help="only jobs in this state (repeatable)"),
+    store: Path = StoreOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """List jobs."""
+
+    async def main() -> list[Job]:
+        s = SqliteStore(store)
+        await s.open()
+        try:
+            return await s.list_jobs(states=[JobState(x) for x in state] if state else None)
+        finally:
+            await s.aclose()
+
+    try:
+        jobs = anyio.run(main)
+    except (EngineError, ValueError) as err:
+        _fail(str(err))
+    for job in jobs:
+        _emit(job, as_json, _job_line(job))
+
+
+@app.command()
+def show(job_id: int, store: Path = StoreOpt, as_json: bool = JsonOpt) -> None:
+    """A job with its steps."""
+
+    async def main() -> Job:
+        s = SqliteStore(store)
+        await s.open()
+        try:
+            return await s.get_job(job_id)
+        finally:
+            await s.aclose()
+
+    try:
+        job = anyio.run(main)
+    except EngineError as err:
+        _fail(str(err))
+    lines = [_job_line(job)]
+    if job.result is not None:
+        lines.append(f"  result: {json.dumps(job.result)}")
+    for st in job.steps:
+        err = f"  {st.error}" if st.error else ""
+        lines.append(f"  [{st.idx}] {st.name:<20} {st.state.value:<10} node={st.node} {st.args}{err}")
+    _emit(job, as_json, "\n".join(lines))
+
+
+@app.command()
+def watch(job_id: int, store: Path = StoreOpt, as_json: bool = JsonOpt, poll: float = typer.Option(0.2, help="seconds between reads")) -> None:
+    """Print a job's events until it is final (reads the store)."""
+
+    async def main() -> None:
+        s = SqliteStore(store)
+        await s.open()
+        try:
+            last = 0
+            while True:
+                for ev in await s.events(job_id, after=last):
+                    last = ev.seq
+                    _emit(ev, as_json, _event_line(ev))
+                if (await s.get_job(job_id, steps=False)).final:
+                    for ev in await s.events(job_id, after=last):
+                        _emit(ev, as_json, _event_line(ev))
+                    return
+                await anyio.sleep(poll)
+        finally:
+            await s.aclose()
+
+    try:
+        anyio.run(main)
+    except EngineError as err:
+        _fail(str(err))
+
+
+@app.command()
+def cancel(
+    job_id: int,
+    reason: str = typer.Option("cancelled by operator", "--reason"),
+    store: Path = StoreOpt,
+    cluster: Path = ClusterOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Cancel a job (opens an engine on the store; returns the state reached)."""
+
+    async def main() -> JobState:
+        async with Engine.open(store=store, cluster=cluster) as engine:
+            return await engine.cancel(job_id, reason=reason)
+
+    try:
+        state = anyio.run(main)
+    except EngineError as err:
+        _fail(str(err))
+    _emit({"job_id": job_id, "state": state.value}, as_json, f"job {job_id}: {state.value}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()
