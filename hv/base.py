@@ -28,7 +28,7 @@ from ._objects import (
     NodeInfo,
     StopResult,
 )
-from .errors import HotplugError, HypervisorError, HypervisorTimeout
+from .errors import HotplugError, HypervisorError, HypervisorTimeout, MigrationError
 
 #: The methods a node agent may serve: every node-side method of the interface.
 REMOTE_METHODS: tuple[str, ...] = (
@@ -49,6 +49,9 @@ REMOTE_METHODS: tuple[str, ...] = (
     "finalize_migration_dst",
     "finalize_migration_source",
     "balloon_instance_memory",
+    "set_migration_downtime",
+    "force_complete_migration",
+    "cancel_migration",
     "instance_startup_memory",
     "validate_parameters",
     "powercycle_node",
@@ -188,6 +191,20 @@ class BaseHypervisor:
 
     async def balloon_instance_memory(self, instance: Instance, mem: int) -> None:
         raise NotImplementedError
+
+    # --- convergence controls (used by the engine's migration policy) -------
+
+    async def set_migration_downtime(self, instance: Instance, ms: int) -> None:
+        """Change the allowed downtime of the running migration (ms)."""
+        raise MigrationError(f"setting the migration downtime is not supported by {self.NAME}", node=self.node)
+
+    async def force_complete_migration(self, instance: Instance) -> None:
+        """Pause the guest so that the running migration completes."""
+        raise MigrationError(f"forcing a migration to complete is not supported by {self.NAME}", node=self.node)
+
+    async def cancel_migration(self, instance: Instance) -> None:
+        """Cancel the running migration; the source keeps running."""
+        raise MigrationError(f"cancelling a migration is not supported by {self.NAME}", node=self.node)
 
     async def instance_startup_memory(self, instance: Instance) -> int:
         """max(minmem, min(maxmem, the node's free memory)), in MiB."""
