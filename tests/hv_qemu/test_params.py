@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 import hv
@@ -28,3 +30,20 @@ def test_status_mapping_and_versions() -> None:
     for key, bad in [("accel", "xen"), ("migration_caps", "auto-converge:bogus"), ("migration_bandwidth", -1), ("acpi", "yes"), ("vnc_bind_address", "localhost")]:
         with pytest.raises(hv.ParameterError, match=key):
             QemuHypervisor.check_parameter_syntax({**QemuHypervisor.DEFAULTS, key: bad})
+
+
+@pytest.mark.asyncio
+async def test_registered_and_faults_by_method(tmp_path: Path) -> None:
+    faults = hv.Faults()
+    drv = hv.get_hypervisor("kvm", run_dir=tmp_path / "n1", node="n1", faults=faults)
+    assert isinstance(drv, QemuHypervisor) and drv.CAN_MIGRATE and drv.NAME == "kvm"
+    faults.inject("list_instances", error="disk on fire", times=1)
+    with pytest.raises(hv.InjectedFault, match="disk on fire") as err:
+        await drv.list_instances()
+    assert err.value.node == "n1"
+    assert await drv.list_instances() == []
+    for name in ("set_migration_downtime", "force_complete_migration", "cancel_migration"):
+        assert name in hv.REMOTE_METHODS
+    with pytest.raises(hv.ParameterError, match="port_range"):
+        QemuHypervisor(tmp_path / "n2", port_range=(2000, 1000))
+    await drv.aclose()
