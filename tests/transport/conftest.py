@@ -8,9 +8,12 @@ from pathlib import Path
 import pytest
 
 import transport
+from transport.testing import LocalCluster
 from tests.transport.drivers import RecordingHypervisor
 
 NODES = ("n1", "n2")
+#: The recording driver, as agents in other processes load it.
+RECORDING = "tests.transport.drivers:RecordingHypervisor"
 
 
 @pytest.fixture
@@ -30,10 +33,14 @@ class Setup:
         return RecordingHypervisor.read_events(self.state_dirs[node])
 
 
-@pytest.fixture(params=["local"])
+@pytest.fixture(params=["local", "ssh"])
 async def setup(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Setup]:
     state_dirs = {name: tmp_path / name for name in NODES}
     if request.param == "local":
         drivers = {name: RecordingHypervisor(str(d), node=name) for name, d in state_dirs.items()}
         async with transport.LocalTransport(drivers, call_timeout=30) as t:
             yield Setup("local", t, state_dirs)
+    else:
+        async with LocalCluster(n=len(NODES), base_dir=tmp_path / "cluster", hypervisor=RECORDING, call_timeout=30) as lc:
+            async with transport.SshTransport(lc.config) as t:
+                yield Setup("ssh", t, {name: lc.state_dir(name) for name in NODES})
