@@ -44,6 +44,7 @@ from .errors import (
     JobNotFound,
     NodeOffline,
     RecoveryPending,
+    StepTimeout,
 )
 
 PRIORITY_MIN, PRIORITY_MAX = -20, 19
@@ -574,7 +575,7 @@ class Engine:
                         outcome = await workflow.recover(ctx)
                     finally:
                         tg.cancel_scope.cancel()
-            except (NodeUnreachable, CallTimeout, RecoveryPending) as exc:
+            except (NodeUnreachable, CallTimeout, RecoveryPending, StepTimeout) as exc:
                 note = f"recovery pending: {type(exc).__name__}: {exc}; retrying in {delay:.1f}s"
                 log.warning("recovery pending", error=str(exc), retry_in=delay)
                 self._publish(await self._shielded(self.store.set_recovery(h.id, note, now=self.clock())))
@@ -767,34 +768,54 @@ class Engine:
             )
         return outcome.get("result")
 
+    async def _ping(self, name: str) -> str | None:
+        """One ping; the error text, or None when the node answered."""
+        try:
+            await self.transport.node(name).call("ping", call_timeout=self.node_ping_timeout)
+        except (TransportError, TimeoutError, OSError, hv.HypervisorError) as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    async def _set_online(self, name: str, error: str | None) -> None:
+        """Record a node's health; an event when it changes."""
+        health = self._health[name]
+        now = self.clock()
+        status = health.status
+        status.checked_at = now
+        if error is None and not status.online:
+            status.online, status.error, status.since = True, None, now
+            health.offline_event = anyio.Event()
+            self.log.info("node online", node=name)
+            self._publish(await self._shielded(self.store.add_event(None, "node-online", {"node": name}, now=now)))
+        elif error is not None and status.online:
+            status.online, status.error, status.since = False, error, now
+            health.offline_event.set()
+            self.log.warning("node offline", node=name, error=error)
+            self._publish(await self._shielded(self.store.add_event(None, "node-offline", {"node": name, "error": error}, now=now)))
+            if self.node_ping_interval is None and self._tg is not None and not self._closing:
+                self._tg.start_soon(self._probe_until_online, name)
+        elif error is not None:
+            status.error = error
+
+    async def _mark_unreachable(self, name: str, error: BaseException) -> None:
+        """A call found the node unreachable: offline now, so others fail fast."""
+        if name in self._health and not isinstance(error, NodeOffline):
+            await self._set_online(name, f"{type(error).__name__}: {error}")
+
     async def _pinger(self, name: str) -> None:
         assert self.node_ping_interval is not None
-        health = self._health[name]
-        log = self.log.bind(node=name)
         while True:
-            error: str | None = None
-            try:
-                await self.transport.node(name).call("ping", call_timeout=self.node_ping_timeout)
-            except (TransportError, TimeoutError, OSError) as exc:
-                error = f"{type(exc).__name__}: {exc}"
-            except hv.HypervisorError as exc:
-                error = f"{type(exc).__name__}: {exc}"
-            now = self.clock()
-            status = health.status
-            status.checked_at = now
-            if error is None and not status.online:
-                status.online, status.error, status.since = True, None, now
-                health.offline_event = anyio.Event()
-                log.info("node online")
-                self._publish(await self._shielded(self.store.add_event(None, "node-online", {"node": name}, now=now)))
-            elif error is not None and status.online:
-                status.online, status.error, status.since = False, error, now
-                health.offline_event.set()
-                log.warning("node offline", error=error)
-                self._publish(await self._shielded(self.store.add_event(None, "node-offline", {"node": name, "error": error}, now=now)))
-            elif error is not None:
-                status.error = error
+            await self._set_online(name, await self._ping(name))
             await anyio.sleep(self.node_ping_interval)
+
+    async def _probe_until_online(self, name: str) -> None:
+        """Without a periodic pinger: ping an offline node with backoff until it answers."""
+        delay = 0.2
+        while not self._health[name].status.online:
+            await anyio.sleep(delay * (0.75 + 0.5 * self.rng.random()))
+            error = await self._ping(name)
+            await self._set_online(name, error)
+            delay = min(delay * 2, 5.0)
 
 
 def _is_final_event(event: Event) -> bool:

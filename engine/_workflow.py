@@ -242,6 +242,8 @@ class Context:
                 else:
                     state, info = StepState.FAILED, ErrorInfo.from_exception(exc, step=name, node=node)
                 await self.engine._step_end(self, record, state=state, error=info, attempts=attempts)
+                if isinstance(exc, NodeUnreachable):
+                    await self.engine._mark_unreachable(node, exc)
             if not cancelled and isinstance(exc, Exception) and getattr(exc, "step", None) is None:
                 with contextlib.suppress(AttributeError):
                     exc.step = name  # type: ignore[attr-defined]
