@@ -19,7 +19,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from hv import BaseHypervisor
 
 from ._conn import ConnectionTransport, NodeState
-from .agent import Agent, build_driver
+from ._agent import Agent, build_driver
 from .client import AgentConnection
 
 if TYPE_CHECKING:
