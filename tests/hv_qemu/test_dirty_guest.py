@@ -49,7 +49,11 @@ async def test_dirty_guest_does_not_converge_then_cancel(nodes: Nodes, dirty_ker
     st = await wait_status(src, inst, lambda s: (s.iterations or 0) >= 3, timeout=30)
     assert st.status == "active"
     assert st.ram_remaining > 128 << 20, st
-    assert st.dirty_rate_bps and st.rate_bps and st.dirty_rate_bps > st.rate_bps, st
+    # QEMU counts distinct pages dirtied between two syncs, so the measured dirty
+    # rate saturates at RAM / pass time: i.e. about the transfer rate itself.
+    assert st.dirty_rate_bps and st.rate_bps and st.dirty_rate_bps > 0.8 * st.rate_bps, st
+    # What may remain for a 50 ms downtime at this rate is far below what remains.
+    assert st.ram_remaining > 10 * st.rate_bps * 0.050
     assert st.ram_transferred > st.ram_total  # it has been sending the same pages again
 
     await src.cancel_migration(inst)
