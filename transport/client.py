@@ -165,8 +165,8 @@ class AgentConnection:
         try:
             check_version(frame)
         except ProtocolError as err:
-            self.close(f"agent refused: {err.message}")
             self.closed_error = ProtocolError(f"agent speaks another protocol: {err.message}", node=self.node)
+            self.close(f"agent refused: {err.message}")
             return
         hello = frame["hello"]
         if not isinstance(hello, dict):
