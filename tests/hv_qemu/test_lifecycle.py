@@ -223,3 +223,23 @@ async def test_agent_restart_refinds_instances(nodes: Nodes) -> None:
     result = await second.stop_instance(None, name="vm2", force=True)
     assert result.stage is hv.StopStage.MONITOR
     assert await second.list_instances() == ["vm1"]
+
+
+def _affinity(tid: int) -> set[int]:
+    return os.sched_getaffinity(tid)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning vCPUs to different CPUs needs 2 CPUs")
+async def test_cpu_mask_pins_process_and_vcpus(nodes: Nodes) -> None:
+    drv = nodes.make("n1")
+    await drv.start_instance(instance(name="one", mem=64, cpu_mask="1"))
+    pid = drv.run_dir.pid("one")
+    assert pid is not None
+    assert all(_affinity(int(t)) == {1} for t in os.listdir(f"/proc/{pid}/task"))
+
+    await drv.start_instance(instance(name="two", mem=64, vcpus=2, cpu_mask="1:0"))
+    vcpus = sorted(await drv.qmp_command("two", "query-cpus-fast"), key=lambda c: c["cpu-index"])
+    assert [_affinity(c["thread-id"]) for c in vcpus] == [{1}, {0}]
+
+    with pytest.raises(hv.ParameterError, match="3 entries for 2 vCPUs"):
+        await drv.start_instance(instance(name="bad", mem=64, vcpus=2, cpu_mask="0:1:0"))
