@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -35,7 +36,7 @@ from .._objects import (
     StopResult,
     StopStage,
 )
-from ..base import BaseHypervisor, configure_nic, generate_tap_name, get_linux_node_info
+from ..base import TAP_PREFIX, BaseHypervisor, configure_nic, generate_tap_name, get_linux_node_info
 from ..errors import (
     HotplugError,
     HypervisorError,
@@ -134,6 +135,7 @@ class QemuHypervisor(BaseHypervisor):
         self._locks: dict[str, anyio.Lock] = {}
         self._reserved_ports: set[int] = set()
         self._next_port = lo
+        self._next_tap = 0
         self._version_cache: dict[str, tuple[str, tuple[int, int, int]]] = {}
 
     # --- small helpers ------------------------------------------------------
@@ -261,12 +263,12 @@ class QemuHypervisor(BaseHypervisor):
         inst_dir = self.run_dir.prepare(name)
         await self._forget_monitor(name)
         try:
-            rt.taps = [await self._tap_for(nic) for nic in rt.nics]
+            rt.taps = await self._tap_names(rt.nics)
             rt.argv = build_argv(rt, inst_dir, incoming=incoming, paused=paused)
             self.run_dir.write_runtime(rt)
             try:
                 with anyio.fail_after(self.start_timeout):
-                    res = await anyio.run_process(rt.argv, cwd=inst_dir, check=False, stdin=None)
+                    res = await anyio.run_process(rt.argv, cwd=inst_dir, check=False, stdin=subprocess.DEVNULL)
             except TimeoutError as err:
                 raise self._err(HypervisorTimeout, f"instance {name}: QEMU did not start within {self.start_timeout}s") from err
             except OSError as err:
@@ -306,11 +308,22 @@ class QemuHypervisor(BaseHypervisor):
     def _tap_possible() -> bool:
         return os.geteuid() == 0 and os.path.exists("/dev/net/tun")
 
-    async def _tap_for(self, nic: Nic) -> str | None:
-        """A TAP name for a non-user NIC when this node allows it, else None (user networking)."""
-        if NicMode(nic.mode) is NicMode.USER or not self._tap_possible():
-            return None
-        return await generate_tap_name()
+    async def _tap_names(self, nics: Sequence[Nic]) -> list[str | None]:
+        """TAP names for non-user NICs when this node allows it, else None (user networking).
+
+        ``generate_tap_name`` gives the first index above every existing
+        ``gnt.com.N``; later NICs (and starts racing in this driver) take the
+        next ones, since QEMU creates the devices only when it starts.
+        """
+        names: list[str | None] = []
+        for nic in nics:
+            if NicMode(nic.mode) is NicMode.USER or not self._tap_possible():
+                names.append(None)
+                continue
+            index = max(int((await generate_tap_name()).rsplit(".", 1)[1]), self._next_tap)
+            self._next_tap = index + 1
+            names.append(f"{TAP_PREFIX}{index}")
+        return names
 
     async def _configure_taps(self, rt: Runtime) -> None:
         inst = Instance(name=rt.name, uuid=rt.uuid, nics=tuple(rt.nics))

@@ -104,19 +104,25 @@ async def test_vnc_console(nodes: Nodes) -> None:
 async def test_tap_nic_when_root(nodes: Nodes) -> None:
     """A routed NIC gets a TAP device on this node (root and /dev/net/tun); user networking otherwise."""
     drv = nodes.make("n1")
-    inst = msgspec.structs.replace(instance(mem=64), nics=(hv.Nic(mac="52:54:00:00:00:01", mode=hv.NicMode.ROUTED),))
+    nics = (
+        hv.Nic(mac="52:54:00:00:00:01", mode=hv.NicMode.ROUTED),
+        hv.Nic(mac="52:54:00:00:00:02", mode=hv.NicMode.USER),
+        hv.Nic(mac="52:54:00:00:00:03", mode=hv.NicMode.ROUTED),
+    )
+    inst = msgspec.structs.replace(instance(mem=64), nics=nics)
     await drv.start_instance(inst)
     rt = drv.run_dir.read_runtime("vm1")
     assert rt is not None
     if os.geteuid() != 0 or not os.path.exists("/dev/net/tun"):
-        assert rt.taps == [None]  # fell back to user networking
+        assert rt.taps == [None, None, None]  # fell back to user networking
         return
-    tap = rt.taps[0]
-    assert tap is not None and tap.startswith("gnt.com.")
-    shown = await anyio.run_process(["ip", "-o", "link", "show", "dev", tap])
-    assert b"UP" in shown.stdout
+    first, user, second = rt.taps
+    assert user is None and first and second and first != second and first.startswith("gnt.com.")
+    for tap in (first, second):
+        shown = await anyio.run_process(["ip", "-o", "link", "show", "dev", tap])
+        assert b"UP" in shown.stdout
     await drv.stop_instance(inst, force=True)
-    gone = await anyio.run_process(["ip", "-o", "link", "show", "dev", tap], check=False)
+    gone = await anyio.run_process(["ip", "-o", "link", "show", "dev", first], check=False)
     assert gone.returncode != 0
 
 
