@@ -55,6 +55,7 @@ from ._runtime import (
     Runtime,
     check_instance_name,
     process_alive,
+    process_is_ours,
     process_rss_mib,
     process_threads,
     process_uptime,
@@ -387,6 +388,7 @@ class QemuHypervisor(BaseHypervisor):
     async def _stop(self, name: str, *, force: bool, timeout: float) -> StopResult:
         stages: list[StageTiming] = []
         pid = self._pid(name)
+        pidfile = str(self.run_dir.pidfile(name))
         if pid is None:
             await self._clean(name)
             return StopResult(name=name, stage=StopStage.ALREADY_STOPPED, stages=())
@@ -399,7 +401,7 @@ class QemuHypervisor(BaseHypervisor):
                 pass  # a monitor that does not answer: the next stage will do
             except ProcessLookupError:
                 pass
-            gone = await self._wait_gone(pid, grace - (anyio.current_time() - began))
+            gone = await self._wait_gone(pid, grace - (anyio.current_time() - began), pidfile)
             stages.append(StageTiming(stage=stage, seconds=round(anyio.current_time() - began, 4), ended_it=gone))
             return gone
 
@@ -410,10 +412,12 @@ class QemuHypervisor(BaseHypervisor):
             await self._qmp(name, "quit", timeout=self.stop_grace)
 
         async def term() -> None:
-            os.kill(pid, signal.SIGTERM)
+            if process_is_ours(pid, pidfile):  # never signal a reused pid
+                os.kill(pid, signal.SIGTERM)
 
         async def kill() -> None:
-            os.kill(pid, signal.SIGKILL)
+            if process_is_ours(pid, pidfile):
+                os.kill(pid, signal.SIGKILL)
 
         plan: list[tuple[StopStage, Any, float]] = []
         if not force:
@@ -427,12 +431,16 @@ class QemuHypervisor(BaseHypervisor):
         raise self._err(HypervisorError, f"instance {name} (pid {pid}) survived SIGKILL: {stages}")
 
     @staticmethod
-    async def _wait_gone(pid: int, seconds: float) -> bool:
+    async def _wait_gone(pid: int, seconds: float, pidfile: str) -> bool:
         """Watch an external process until it exits or ``seconds`` pass."""
+
+        def alive() -> bool:
+            return process_alive(pid) and process_is_ours(pid, pidfile)
+
         with anyio.move_on_after(max(0.0, seconds)):
-            while process_alive(pid):
+            while alive():
                 await anyio.sleep(_POLL)
-        return not process_alive(pid)
+        return not alive()
 
     async def _clean(self, name: str) -> None:
         rt = None
@@ -448,18 +456,20 @@ class QemuHypervisor(BaseHypervisor):
     async def _kill_and_clean(self, name: str) -> None:
         """Hard end for a process we are abandoning (failed start, failed incoming)."""
         pid = self._pid(name)
+        pidfile = str(self.run_dir.pidfile(name))
         if pid is not None:
             with anyio.move_on_after(1.0):
                 try:
                     await self._qmp(name, "quit", timeout=1.0)
                 except HypervisorError:
                     pass
-            if not await self._wait_gone(pid, 1.0):
+            if not await self._wait_gone(pid, 1.0, pidfile):
                 try:
-                    os.kill(pid, signal.SIGKILL)
+                    if process_is_ours(pid, pidfile):
+                        os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-                await self._wait_gone(pid, self.stop_grace)
+                await self._wait_gone(pid, self.stop_grace, pidfile)
         await self._clean(name)
 
     async def cleanup_instance(self, instance_name: str) -> None:
