@@ -30,6 +30,18 @@ from .protocol import decode_result, encode_params
 log = structlog.get_logger("herd.transport")
 
 
+def _transport_error(err: BaseException) -> TransportError | None:
+    """The TransportError behind ``err``, looking inside task-group exception groups."""
+    if isinstance(err, TransportError):
+        return err
+    if isinstance(err, BaseExceptionGroup):
+        for inner in err.exceptions:
+            found = _transport_error(inner)
+            if found is not None:
+                return found
+    return None
+
+
 class NodeState:
     """One node's connection and reconnect bookkeeping."""
 
@@ -218,12 +230,13 @@ class ConnectionTransport(Transport):
                 )
             try:
                 conn: AgentConnection = await self._tg.start(self._run_connection, state)
-            except TransportError as err:
-                self._note_failure(state, err)
-                raise
             except Exception as err:  # noqa: BLE001 - any failure to connect means unreachable
-                self._note_failure(state, err)
-                raise NodeUnreachable(f"cannot connect: {err!r}", node=state.name) from err
+                cause = _transport_error(err)
+                if cause is None:
+                    cause = NodeUnreachable(f"cannot connect: {err!r}", node=state.name)
+                    cause.__cause__ = err
+                self._note_failure(state, cause)
+                raise cause from None
             state.backoff = 0.0
             state.retry_at = -math.inf
             state.last_error = None

@@ -391,3 +391,36 @@ def _prepare_sshd() -> None:
         raise RuntimeError(f"{SSHD} not found: install Debian's openssh-server")
     # sshd's privilege separation needs this directory (Debian makes it at boot).
     os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``scripts/cluster``: start a local cluster, print its TOML, stay up until Ctrl-C."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="scripts/cluster", description="Start N local SSH nodes for herd.")
+    parser.add_argument("-n", type=int, default=3, help="number of nodes (default 3)")
+    parser.add_argument("--server", choices=["asyncssh", "sshd"], default="asyncssh")
+    parser.add_argument("--hypervisor", default="fake", help="fake, kvm or module:Class")
+    parser.add_argument("--dir", help="where keys, state and cluster.toml go (default: a new temp dir, removed at exit)")
+    parser.add_argument("--name", default="local", help="cluster name")
+    args = parser.parse_args(argv)
+    if args.n < 1:
+        parser.error("-n must be ≥ 1")
+
+    async def run() -> None:
+        async with LocalCluster(
+            n=args.n, base_dir=args.dir, hypervisor=args.hypervisor, server=args.server, cluster_name=args.name
+        ) as lc:
+            assert lc.config is not None
+            print(lc.config.to_toml(), flush=True)
+            print(f"# written to {lc.config_path}; Ctrl-C stops every node", file=sys.stderr, flush=True)
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    break
+
+    anyio.run(run)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
