@@ -611,6 +611,17 @@ class QemuHypervisor(BaseHypervisor):
             problems.append(f"runtime directory {self.run_dir.root} is not writable")
         return self.format_verify_results(problems)
 
+    async def describe(self, hvparams: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """What ``verify`` looked at: binary, version, KVM usable or not and why, the accel used."""
+        hvp = self.fill(hvparams)
+        ok, why = self.kvm_status()
+        try:
+            version: str | None = (await self.qemu_version(hvp["qemu_binary"]))[0]
+        except HypervisorError:
+            version = None
+        accel = hvp["accel"] if hvp["accel"] != "auto" else ("kvm" if ok else "tcg")
+        return {"binary": hvp["qemu_binary"], "version": version, "kvm_usable": ok, "kvm_reason": why, "accel": accel}
+
     @staticmethod
     def versions_safe_for_migration(src: Any, target: Any) -> bool:
         """Same QEMU major.minor (``"7.2.22"`` and ``"7.2.9"`` are compatible)."""

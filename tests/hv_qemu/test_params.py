@@ -47,3 +47,18 @@ async def test_registered_and_faults_by_method(tmp_path: Path) -> None:
     with pytest.raises(hv.ParameterError, match="port_range"):
         QemuHypervisor(tmp_path / "n2", port_range=(2000, 1000))
     await drv.aclose()
+
+
+@pytest.mark.asyncio
+async def test_verify_and_describe(tmp_path: Path) -> None:
+    drv = QemuHypervisor(tmp_path / "n1", node="n1")
+    assert QemuHypervisor.kvm_status(str(tmp_path / "no-kvm")) == (False, f"{tmp_path / 'no-kvm'} does not exist (no KVM module, or not exposed to this machine)")
+    facts = await drv.describe()
+    assert facts["binary"] == "qemu-system-x86_64" and facts["accel"] in ("kvm", "tcg")
+    assert facts["accel"] == ("kvm" if facts["kvm_usable"] else "tcg")
+    problem = await drv.verify({"qemu_binary": "/nonexistent/qemu"})
+    assert problem is not None and "/nonexistent/qemu" in problem
+    if not facts["kvm_usable"]:
+        assert "KVM is not usable" in (await drv.verify({"accel": "kvm"}) or "")
+    assert "not supported" in (await drv.verify({"bogus": 1}) or "")
+    await drv.aclose()
