@@ -48,6 +48,9 @@ REMOTE_METHODS: tuple[str, ...] = (
     "get_migration_status",
     "finalize_migration_dst",
     "finalize_migration_source",
+    "set_migration_downtime",
+    "force_complete_migration",
+    "cancel_migration",
     "balloon_instance_memory",
     "set_migration_downtime",
     "force_complete_migration",
@@ -188,6 +191,20 @@ class BaseHypervisor:
     async def finalize_migration_source(self, instance: Instance, success: bool, live: bool) -> None:
         """Remove the migrated source, or make it run again after a failure."""
         return None
+
+    # Convergence controls used by the engine's migration policy.
+
+    async def set_migration_downtime(self, instance: Instance, ms: int) -> None:
+        """Change the downtime (ms) a running migration may take to finish."""
+        raise MigrationError(f"set_migration_downtime is not supported by the {self.NAME} hypervisor", node=self.node)
+
+    async def force_complete_migration(self, instance: Instance) -> None:
+        """Pause the source guest so that a non-converging migration finishes."""
+        raise MigrationError(f"force_complete_migration is not supported by the {self.NAME} hypervisor", node=self.node)
+
+    async def cancel_migration(self, instance: Instance) -> None:
+        """Abort a running migration; the source keeps (or goes back to) running."""
+        raise MigrationError(f"cancel_migration is not supported by the {self.NAME} hypervisor", node=self.node)
 
     async def balloon_instance_memory(self, instance: Instance, mem: int) -> None:
         raise NotImplementedError
