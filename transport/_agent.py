@@ -334,11 +334,20 @@ async def run_stdio(agent: Agent) -> None:
                     return
 
         tg.start_soon(on_signals)
+        driver: Any = agent.driver
         try:
-            await agent.serve(reader.receive, writer.send)
+            if hasattr(driver, "__aenter__"):
+                # A driver with background work (migration streams) owns a task
+                # group while entered: it lives as long as the agent.
+                async with driver:
+                    await agent.serve(reader.receive, writer.send)
+            else:
+                try:
+                    await agent.serve(reader.receive, writer.send)
+                finally:
+                    with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                        await driver.aclose()
         finally:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(10):
-                await agent.driver.aclose()
             tg.cancel_scope.cancel()
 
 

@@ -8,6 +8,7 @@ exactly alike; only the SSH link is missing.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from collections.abc import Callable, Mapping
@@ -57,6 +58,7 @@ class LocalTransport(ConnectionTransport):
         super().__init__(nodes, call_timeout=call_timeout, backoff_min=backoff_min, backoff_max=backoff_max, rng=rng)
         self.drivers: dict[str, BaseHypervisor] = dict(nodes)
         self._owns_drivers = owns_drivers
+        self._driver_stack: contextlib.AsyncExitStack | None = None
 
     @classmethod
     def from_config(cls, cluster: ClusterConfig, *, rng: random.Random | None = None) -> LocalTransport:
@@ -66,13 +68,33 @@ class LocalTransport(ConnectionTransport):
         }
         return cls(drivers, call_timeout=cluster.call_timeout, rng=rng, owns_drivers=True)
 
-    async def aclose(self) -> None:
-        await super().aclose()
+    async def __aenter__(self) -> LocalTransport:
+        await super().__aenter__()
         if self._owns_drivers:
-            with anyio.CancelScope(shield=True):
+            # Drivers with background work (the fake's migration streams) own a
+            # task group while entered: it lives as long as the transport.
+            stack = contextlib.AsyncExitStack()
+            await stack.__aenter__()
+            self._driver_stack = stack
+            try:
                 for driver in self.drivers.values():
-                    with anyio.move_on_after(10):
-                        await driver.aclose()
+                    if hasattr(driver, "__aenter__"):
+                        await stack.enter_async_context(driver)  # type: ignore[arg-type]
+            except BaseException:
+                await self.aclose()
+                raise
+        return self
+
+    async def _after_hangup(self) -> None:
+        if not self._owns_drivers:
+            return
+        stack, self._driver_stack = self._driver_stack, None
+        with anyio.move_on_after(10):
+            if stack is not None:
+                await stack.__aexit__(None, None, None)
+            for driver in self.drivers.values():
+                if not hasattr(driver, "__aenter__"):
+                    await driver.aclose()
 
     async def _serve_connection(self, state: NodeState, started: Callable[[AgentConnection], None]) -> None:
         to_agent_send, to_agent_recv = anyio.create_memory_object_stream[bytes](math.inf)
