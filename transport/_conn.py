@@ -140,13 +140,14 @@ class ConnectionTransport(Transport):
                 for state in self._states.values():
                     if state.task_done is not None:
                         await state.task_done.wait()
-            await self._after_hangup()
+        # Outside any scope of ours: it may exit task groups entered in __aenter__.
+        await self._after_hangup()
         if tg is not None:
             tg.cancel_scope.cancel()
             await tg.__aexit__(None, None, None)
 
     async def _after_hangup(self) -> None:
-        """Hook: runs (shielded) once every connection ended, before the task group exits."""
+        """Hook: runs once every connection ended, before the task group exits."""
 
     # --- fault injection / chaos ---------------------------------------------
 

@@ -89,9 +89,9 @@ class LocalTransport(ConnectionTransport):
         if not self._owns_drivers:
             return
         stack, self._driver_stack = self._driver_stack, None
-        with anyio.move_on_after(10):
-            if stack is not None:
-                await stack.__aexit__(None, None, None)
+        if stack is not None:
+            await stack.__aexit__(None, None, None)  # the drivers' own aclose bounds its time
+        with anyio.CancelScope(shield=True), anyio.move_on_after(10):
             for driver in self.drivers.values():
                 if not hasattr(driver, "__aenter__"):
                     await driver.aclose()
