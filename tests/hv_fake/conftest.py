@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.abc
 import pytest
 import pytest_asyncio
 
@@ -35,3 +38,57 @@ async def make_node(tmp_path: Path) -> AsyncIterator[NodeFactory]:
     yield factory
     for node in made:
         await node.aclose()
+
+
+class KillableProxy:
+    """A real TCP forwarder between two nodes that a test can kill mid-stream."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.forwarded = 0
+        self.scope = anyio.CancelScope()
+        self.port = 0
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
+        async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
+            self.port = listener.extra(anyio.abc.SocketAttribute.local_port)
+            task_status.started(self.port)
+            with self.scope:
+                await listener.serve(self._handle)
+
+    async def _handle(self, client: anyio.abc.SocketStream) -> None:
+        async with client, await anyio.connect_tcp(*self.target) as upstream:
+
+            async def pipe(src: anyio.abc.ByteStream, dst: anyio.abc.SocketStream, count: bool) -> None:
+                with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    async for data in src:
+                        if count:
+                            self.forwarded += len(data)
+                        await dst.send(data)
+                    await dst.send_eof()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(pipe, client, upstream, True)
+                tg.start_soon(pipe, upstream, client, False)
+
+    def kill(self) -> None:
+        """Cut every forwarded connection at once (both sockets closed)."""
+        self.scope.cancel()
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.removeprefix("tcp:").rpartition(":")
+    return host, int(port)
+
+
+async def wait_status(
+    node: FakeHypervisor, spec: hv.Instance, pred: Callable[[hv.MigrationStatus], bool], timeout: float = 10.0
+) -> list[hv.MigrationStatus]:
+    """Long-poll ``get_migration_status`` until ``pred``; every reading seen."""
+    seen: list[hv.MigrationStatus] = []
+    with anyio.fail_after(timeout):
+        while True:
+            st = await node.get_migration_status(spec, wait=1.0)
+            seen.append(st)
+            if pred(st):
+                return seen
