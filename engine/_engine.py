@@ -170,15 +170,23 @@ class Engine:
                 transport = await stack.enter_async_context(transport_pkg.connect(cluster.config))
             engine = cls(the_store, cluster, transport, **options)
             await engine._seed_inventory()
+            # The caller's exception is re-raised outside the task group, so
+            # it reaches them as itself, not wrapped in an ExceptionGroup.
+            caller_error: BaseException | None = None
             async with anyio.create_task_group() as tg:
                 engine._tg = tg
                 try:
                     await engine._start()
-                    yield engine
+                    try:
+                        yield engine
+                    except BaseException as exc:
+                        caller_error = exc
                 finally:
                     engine._closing = True
                     tg.cancel_scope.cancel()
                     engine._close_subscribers()
+            if caller_error is not None:
+                raise caller_error
 
     @property
     def node_names(self) -> list[str]:

@@ -27,11 +27,6 @@ from .conftest import open_engine, record
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 async def _states(engine: Engine, job_id: int) -> list[str]:
     return [e.data["state"] for e in await engine.store.events(job_id) if e.kind == "state"]
 
