@@ -37,6 +37,7 @@ from hv.errors import HypervisorError
 
 from .errors import ProtocolError
 from .protocol import (
+    MAX_REPLY_FRAME,
     MAX_REQUEST_FRAME,
     METHODS,
     PROTOCOL_VERSION,
@@ -118,7 +119,11 @@ class Agent:
 
     def _handle(self, line: bytes | Oversized, calls: anyio.abc.TaskGroup) -> None:
         if isinstance(line, Oversized):
-            self._refuse(None, ProtocolError(f"frame of {line.size} bytes exceeds the limit of {self.max_frame} bytes"))
+            fid = line.frame_id
+            self._refuse(
+                fid if valid_id(fid) else None,
+                ProtocolError(f"frame of {line.size} bytes exceeds the limit of {self.max_frame} bytes"),
+            )
             return
         if not line.strip():
             return  # blank lines are keep-alive noise, not frames
@@ -175,6 +180,8 @@ class Agent:
                     with hv.progress_sink(lambda fields: self._progress(fid, fields)):
                         result = await self._invoke(method, params)
                     frame: dict[str, Any] = {"id": fid, "result": to_wire(result)}
+                    if len(encode_frame(frame)) > MAX_REPLY_FRAME:
+                        raise ProtocolError(f"the result of {method} exceeds the reply limit of {MAX_REPLY_FRAME} bytes")
                 except Exception as err:  # every failure becomes an error reply; the agent keeps serving
                     if not isinstance(err, HypervisorError):
                         self._log.error("driver call failed", id=fid, method=method, error=repr(err))

@@ -117,6 +117,14 @@ class AgentConnection:
     def _on_line(self, line: bytes | Oversized) -> None:
         if isinstance(line, Oversized):
             self._log.error("reply frame over the size limit dropped", size=line.size, limit=self.max_frame)
+            fid = line.frame_id
+            pending = self._pending.get(fid) if isinstance(fid, int) else None
+            if pending is not None:  # fail the call now rather than at its deadline
+                pending.frame = ProtocolError(
+                    f"{pending.method}: reply of {line.size} bytes exceeds the limit of {self.max_frame} bytes",
+                    node=self.node,
+                )
+                pending.done.set()
             return
         if not line.strip():
             return

@@ -37,17 +37,23 @@ def _receiver(stream: MemoryObjectReceiveStream[bytes]) -> Callable[[], object]:
     return receive
 
 
+def _build_drivers(cluster: ClusterConfig) -> dict[str, BaseHypervisor]:
+    """``hv.get_hypervisor(node.hypervisor, **node.hv_options, node=name)`` for every node."""
+    return {name: build_driver(node.hypervisor, name, node.hv_options) for name, node in cluster.nodes.items()}
+
+
 class LocalTransport(ConnectionTransport):
     """Agents in this process, one per node, over in-memory pipes.
 
     ``LocalTransport({"n1": driver1, "n2": driver2})`` serves the given
-    drivers (the caller keeps owning them); :meth:`from_config` builds them
-    from a cluster description and closes them with the transport.
+    drivers (the caller keeps owning them); ``LocalTransport(cluster)`` or
+    :meth:`from_config` builds them from a cluster description, enters them
+    and closes them with the transport.
     """
 
     def __init__(
         self,
-        nodes: Mapping[str, BaseHypervisor],
+        nodes: Mapping[str, BaseHypervisor] | ClusterConfig,
         *,
         call_timeout: float | None = None,
         backoff_min: float = 0.05,
@@ -55,6 +61,12 @@ class LocalTransport(ConnectionTransport):
         rng: random.Random | None = None,
         owns_drivers: bool = False,
     ) -> None:
+        from .config import ClusterConfig
+
+        if isinstance(nodes, ClusterConfig):
+            if call_timeout is None:
+                call_timeout = nodes.call_timeout
+            nodes, owns_drivers = _build_drivers(nodes), True
         super().__init__(nodes, call_timeout=call_timeout, backoff_min=backoff_min, backoff_max=backoff_max, rng=rng)
         self.drivers: dict[str, BaseHypervisor] = dict(nodes)
         self._owns_drivers = owns_drivers
@@ -63,10 +75,7 @@ class LocalTransport(ConnectionTransport):
     @classmethod
     def from_config(cls, cluster: ClusterConfig, *, rng: random.Random | None = None) -> LocalTransport:
         """Drivers built from the cluster's nodes: ``hypervisor`` + ``hv_options``."""
-        drivers = {
-            name: build_driver(node.hypervisor, name, node.hv_options) for name, node in cluster.nodes.items()
-        }
-        return cls(drivers, call_timeout=cluster.call_timeout, rng=rng, owns_drivers=True)
+        return cls(_build_drivers(cluster), call_timeout=cluster.call_timeout, rng=rng, owns_drivers=True)
 
     async def __aenter__(self) -> LocalTransport:
         await super().__aenter__()

@@ -24,6 +24,7 @@ inside it. An error about a frame that has no usable id carries ``"id": null``.
 from __future__ import annotations
 
 import inspect
+import re
 import typing
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -190,11 +191,27 @@ def error_from_payload(payload: Any, *, node: str, method: str) -> Exception:
 # --- framing ---------------------------------------------------------------------
 
 
-class Oversized:
-    """Marker yielded by :class:`FrameReader` for a frame over the size limit."""
+_HEAD_ID = re.compile(rb'^\s*\{\s*"v"\s*:\s*\d+\s*,\s*"id"\s*:\s*(-?\d{1,18}|"[^"\\]{1,128}")')
 
-    def __init__(self, size: int) -> None:
+
+class Oversized:
+    """Marker yielded by :class:`FrameReader` for a frame over the size limit.
+
+    ``head`` keeps the frame's first bytes, so that the id of a frame in our
+    own encoding (``{"v":1,"id":…``) can still be answered.
+    """
+
+    def __init__(self, size: int, head: bytes = b"") -> None:
         self.size = size
+        self.head = head
+
+    @property
+    def frame_id(self) -> int | str | None:
+        match = _HEAD_ID.match(self.head)
+        if match is None:
+            return None
+        raw = match.group(1)
+        return raw[1:-1].decode(errors="replace") if raw.startswith(b'"') else int(raw)
 
 
 class FrameReader:
@@ -209,6 +226,7 @@ class FrameReader:
         self._buf = bytearray()
         self._eof = False
         self._discarding = 0  # bytes dropped so far of an oversized frame
+        self._head = b""  # its first bytes
 
     async def next(self) -> bytes | Oversized | None:
         """The next frame (without its newline), an :class:`Oversized`, or None at EOF."""
@@ -218,20 +236,23 @@ class FrameReader:
                 line = bytes(self._buf[:nl])
                 del self._buf[: nl + 1]
                 if self._discarding:
-                    size = self._discarding + len(line)
-                    self._discarding = 0
-                    return Oversized(size)
+                    size, head = self._discarding + len(line), self._head
+                    self._discarding, self._head = 0, b""
+                    return Oversized(size, head)
                 if len(line) > self._max:
-                    return Oversized(len(line))
+                    return Oversized(len(line), line[:256])
                 return line
             if len(self._buf) > self._max:
+                if not self._discarding:
+                    self._head = bytes(self._buf[:256])
                 self._discarding += len(self._buf)
                 self._buf.clear()
             if self._eof:
                 if self._discarding:
-                    size, self._discarding = self._discarding + len(self._buf), 0
+                    size, head = self._discarding + len(self._buf), self._head
+                    self._discarding, self._head = 0, b""
                     self._buf.clear()
-                    return Oversized(size)
+                    return Oversized(size, head)
                 if self._buf:  # a last frame without its newline
                     line = bytes(self._buf)
                     self._buf.clear()

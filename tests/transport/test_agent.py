@@ -85,3 +85,19 @@ async def test_client_refuses_an_agent_of_another_protocol_version() -> None:
         with pytest.raises(transport.ProtocolError, match="v=99"):
             await conn.wait_hello(5)
         to_client_send.close()
+
+
+async def test_frame_reader_refuses_oversized_frames_but_keeps_their_id() -> None:
+    from transport.protocol import FrameReader, Oversized
+
+    chunks = [b'{"v":1,"id":42,"method":"ping","x":"', b"z" * 300, b'"}\n{"v":1,"id":43}\n', b"tail-without-newline"]
+
+    async def receive() -> bytes:
+        return chunks.pop(0) if chunks else b""
+
+    reader = FrameReader(receive, max_frame=100)
+    big = await reader.next()
+    assert isinstance(big, Oversized) and big.size > 300 and big.frame_id == 42
+    assert await reader.next() == b'{"v":1,"id":43}'
+    assert await reader.next() == b"tail-without-newline"
+    assert await reader.next() is None

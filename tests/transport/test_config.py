@@ -108,6 +108,8 @@ async def _local_cluster_roundtrip(tmp_path: Path) -> None:
     async with transport.connect(load_cluster(path)) as t:
         assert isinstance(t, transport.LocalTransport)
         assert (await t.node("a").ping())["node"] == "a"
+    async with transport.LocalTransport(load_cluster(path)) as t:
+        assert (await t.node("a").ping())["hypervisor"] == "recording"
 
 
 @pytest.mark.anyio

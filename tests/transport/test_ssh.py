@@ -184,3 +184,18 @@ async def test_real_openssh_sshd(tmp_path: Path) -> None:
                     tg.start_soon(ping, i)
             assert len(lc.agent_pids("n1")) == 1  # one long-lived agent session per node
         await eventually(lambda: not lc.agent_pids("n1") and not lc.agent_pids("n2"), what="agents to exit")
+
+
+async def test_mixed_cluster_routes_each_node_to_its_transport(cluster: LocalCluster, tmp_path: Path) -> None:
+    assert cluster.config is not None
+    local = transport.NodeConfig(
+        name="inproc", transport="local", hypervisor=RECORDING, hv_options={"state_dir": str(tmp_path / "inproc")}
+    )
+    config = msgspec.structs.replace(cluster.config, nodes={**cluster.config.nodes, "inproc": local})
+    async with transport.connect(config) as t:
+        assert isinstance(t, transport.MultiTransport)
+        assert sorted(t.node_names) == ["inproc", "n1", "n2"]
+        here, there = await t.node("inproc").ping(), await t.node("n1").ping()
+        assert here["node"] == "inproc" and there["node"] == "n1" and here["pid"] != there["pid"]
+        with pytest.raises(transport.UnknownNode):
+            t.node("n3")
