@@ -576,13 +576,18 @@ class Engine:
         log.warning("recovering job found active at open", state=h.state.value)
         while True:
             ctx = await self._context(h, log, recovering=True)
+            failure: Exception | None = None
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._progress_writer, ctx)
+                try:
+                    outcome = await workflow.recover(ctx)
+                except Exception as exc:  # caught here, so no ExceptionGroup wraps it
+                    failure = exc
+                finally:
+                    tg.cancel_scope.cancel()
             try:
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._progress_writer, ctx)
-                    try:
-                        outcome = await workflow.recover(ctx)
-                    finally:
-                        tg.cancel_scope.cancel()
+                if failure is not None:
+                    raise failure
             except (NodeUnreachable, CallTimeout, RecoveryPending, StepTimeout) as exc:
                 note = f"recovery pending: {type(exc).__name__}: {exc}; retrying in {delay:.1f}s"
                 log.warning("recovery pending", error=str(exc), retry_in=delay)
