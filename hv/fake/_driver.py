@@ -47,7 +47,7 @@ from .._objects import (
     StopResult,
     StopStage,
 )
-from .._progress import report_progress
+from .._progress import progress_sink, report_progress
 from ..base import BaseHypervisor
 from ..errors import (
     HypervisorError,
@@ -137,6 +137,7 @@ class _Migration:
     started: float = 0.0
     error: str | None = None
     force: bool = False
+    paused_at: float | None = None  # when the migration paused the guest (downtime starts)
     cancel_reason: str | None = None
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     done: anyio.Event = field(default_factory=anyio.Event)
@@ -226,7 +227,6 @@ class FakeHypervisor(BaseHypervisor):
         self._migrations: dict[str, _Migration] = {}
         self._tg: TaskGroup | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._closed = False
         self._recover()
 
     # --- context ------------------------------------------------------------
@@ -261,14 +261,18 @@ class FakeHypervisor(BaseHypervisor):
 
     def _spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any, name: str) -> None:
         """Run ``fn`` in the background, owned by this driver object."""
+        async def detached() -> None:
+            with progress_sink(None):  # the call that started it has returned: report nowhere
+                await fn(*args)
+
         if self._tg is not None:
-            self._tg.start_soon(fn, *args, name=name)
+            self._tg.start_soon(detached, name=name)
             return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             raise HypervisorError("enter the fake driver (`async with`) to run migrations on this event loop", node=self.node) from None
-        task = loop.create_task(fn(*args), name=name)  # type: ignore[arg-type]
+        task = loop.create_task(detached(), name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -413,8 +417,9 @@ class FakeHypervisor(BaseHypervisor):
             )
             self.state.write(rec)
 
+    @_journaled
     async def instance_startup_memory(self, instance: Instance) -> int:
-        await self.faults.hit("instance_startup_memory", node=self.node)
+        """max(minmem, min(maxmem, free memory)), in MiB."""
         return max(instance.beparams.minmem, min(instance.beparams.maxmem, self._free_memory()))
 
     @_journaled
@@ -461,6 +466,7 @@ class FakeHypervisor(BaseHypervisor):
                 self._event("stop-stage", instance=name, stage=StopStage.SOFT.value, seconds=took, ended_it=honours)
                 if honours:
                     self.state.remove(name)
+                    self._migrations.pop(name, None)
                     return StopResult(name=name, stage=StopStage.SOFT, stages=tuple(stages))
             began = anyio.current_time()
             report_progress(instance=name, stage=StopStage.MONITOR.value)
@@ -469,6 +475,7 @@ class FakeHypervisor(BaseHypervisor):
             stages.append(StageTiming(stage=StopStage.MONITOR, seconds=took, ended_it=True))
             self._event("stop-stage", instance=name, stage=StopStage.MONITOR.value, seconds=took, ended_it=True)
             self.state.remove(name)
+            self._migrations.pop(name, None)
             return StopResult(name=name, stage=StopStage.MONITOR, stages=tuple(stages))
 
     @_journaled
@@ -618,10 +625,33 @@ class FakeHypervisor(BaseHypervisor):
         with anyio.CancelScope(shield=True):
             for mig in list(self._migrations.values()):
                 await mig.done.wait()
+        self._migrations.clear()
         names = self.state.names()
         for name in names:
             self.state.remove(name)
         self._event("powercycle", instances=names)
+
+    # Hotplug is not supported; the calls are still journaled and honour faults.
+
+    @_journaled
+    async def hot_add_device(self, instance: Instance, dev_type: str, device: Any, extra: Any, seq: int) -> None:
+        await super().hot_add_device(instance, dev_type, device, extra, seq)
+
+    @_journaled
+    async def hot_del_device(self, instance: Instance, dev_type: str, device: Any, extra: Any, seq: int) -> None:
+        await super().hot_del_device(instance, dev_type, device, extra, seq)
+
+    @_journaled
+    async def hot_mod_device(self, instance: Instance, dev_type: str, device: Any, extra: Any, seq: int) -> None:
+        await super().hot_mod_device(instance, dev_type, device, extra, seq)
+
+    @_journaled
+    async def verify_hotplug_support(self, instance: Instance, action: str, dev_type: str) -> None:
+        await super().verify_hotplug_support(instance, action, dev_type)
+
+    @_journaled
+    async def hotplug_supported(self, instance: Instance) -> None:
+        await super().hotplug_supported(instance)
 
     # --- migration: target side -------------------------------------------------
 
@@ -843,6 +873,8 @@ class FakeHypervisor(BaseHypervisor):
                 started=anyio.current_time(),
                 bandwidth=self._settings.bandwidth,
             )
+            if paused:
+                mig.paused_at = mig.started
             self._migrations[name] = mig
             self._spawn(self._run_source, mig, host, port, live, name=f"fake-migrate-{name}")
             try:
@@ -888,7 +920,6 @@ class FakeHypervisor(BaseHypervisor):
         name = mig.name
         stream: ByteStream | None = None
         completion_pause = False
-        downtime_start = mig.started
         try:
             with mig.scope:
                 settings = self._config.read()
@@ -930,10 +961,9 @@ class FakeHypervisor(BaseHypervisor):
                         if mig.dirty <= threshold or mig.force or not self._guest_running(name):
                             # Converged (or nothing can dirty pages): stop the guest, send the rest.
                             completion_pause = True
-                            if live:
-                                downtime_start = now
                             if self._guest_running(name):
                                 self._pause_for_migration(name)
+                                mig.paused_at = now
                         mig.to_send, mig.dirty = mig.dirty, 0
                         if completion_pause and mig.to_send == 0:
                             break
@@ -952,7 +982,6 @@ class FakeHypervisor(BaseHypervisor):
                         mig.rate_bps = note_bytes / (now - last_note)
                         last_note, note_bytes = now, 0
                         mig.notify()
-                        report_progress(instance=name, ram_transferred=mig.transferred, ram_remaining=mig.to_send + mig.dirty)
                 await send_json(stream, END, {"ram_transferred": mig.transferred})
                 reader = FrameReader(stream)
                 with anyio.fail_after(settings.connect_timeout):
@@ -960,7 +989,7 @@ class FakeHypervisor(BaseHypervisor):
                 if ack.get("ram_received") != mig.transferred:
                     raise ProtocolError(f"target acknowledged {ack.get('ram_received')!r} bytes, {mig.transferred} were sent")
                 end = anyio.current_time()
-                mig.downtime_ms = int((end - downtime_start) * 1000)
+                mig.downtime_ms = int((end - (mig.paused_at if mig.paused_at is not None else mig.started)) * 1000)
                 mig.total_time_ms = int((end - mig.started) * 1000)
                 mig.status = MigrationState.COMPLETED.value
                 self._update_migration(
@@ -1093,7 +1122,9 @@ class FakeHypervisor(BaseHypervisor):
         name = check_instance_name(instance.name, node=self.node)
         mig = self._active_source(name)
         mig.force = True
-        self._pause_for_migration(name)
+        if self._guest_running(name):
+            self._pause_for_migration(name)
+            mig.paused_at = anyio.current_time()
         mig.notify()
 
     @_journaled

@@ -135,10 +135,14 @@ async def test_force_complete_pauses_the_guest(make_node: NodeFactory, tmp_path:
     src, dst, info, address = await prepare(make_node, tmp_path, spec, bandwidth=32 * MIB, dirty_rate=64 * MIB)
     await src.migrate_instance("c1", spec, address, True)
     await wait_status(src, spec, lambda s: (s.iterations or 0) >= 2)
+    forced_at = anyio.current_time()
     await src.force_complete_migration(spec)
     assert states(src) == {"web1": "paused"}
     seen = await wait_status(src, spec, lambda s: s.is_final)
     assert seen[-1].status == "completed"
+    # The downtime counts from the pause, not from the last few bytes.
+    assert seen[-1].downtime_ms is not None
+    assert seen[-1].downtime_ms >= 0.9 * (anyio.current_time() - forced_at) * 1000 - 50
     # A completed migration is never undone on the source: the target may run.
     with pytest.raises(hv.MigrationError, match="refusing to resume"):
         await src.finalize_migration_source(spec, False, True)
@@ -251,3 +255,19 @@ async def test_accept_checks(make_node: NodeFactory, tmp_path: Path) -> None:
     assert address.startswith("tcp:127.0.0.1:")
     with pytest.raises(hv.MigrationError, match="already exists"):
         await dst.accept_instance(spec, info, "")
+
+
+@pytest.mark.asyncio
+async def test_non_live_migration_downtime_is_the_whole_migration(make_node: NodeFactory, tmp_path: Path) -> None:
+    spec = inst("web1", 8)
+    src, dst, info, address = await prepare(make_node, tmp_path, spec, bandwidth=32 * MIB, dirty_rate=64 * MIB)
+    await src.migrate_instance("c1", spec, address, False)
+    assert (await src.get_instance_info("web1")).state is hv.HvInstanceState.PAUSED  # type: ignore[union-attr]
+    final = (await wait_status(src, spec, lambda s: s.is_final))[-1]
+    assert final.status == "completed" and final.iterations == 1  # a paused guest dirties nothing
+    assert final.ram_transferred == 8 * MIB
+    assert final.downtime_ms is not None and final.total_time_ms is not None
+    assert final.downtime_ms >= 0.9 * final.total_time_ms >= 200
+    await dst.finalize_migration_dst(spec, info, True)
+    await src.finalize_migration_source(spec, True, False)
+    assert states(src) == {} and states(dst) == {"web1": "running"}
