@@ -37,6 +37,7 @@ from hv.errors import HypervisorError
 
 from .errors import ProtocolError
 from .protocol import (
+    KIND_TIMEOUT,
     MAX_REPLY_FRAME,
     MAX_REQUEST_FRAME,
     METHODS,
@@ -57,7 +58,7 @@ log = structlog.get_logger("herd.agent")
 Receive = Callable[[], Awaitable[bytes]]
 Send = Callable[[bytes], Awaitable[None]]
 
-_REQUEST_FIELDS = frozenset({"v", "id", "method", "params"})
+_REQUEST_FIELDS = frozenset({"v", "id", "method", "params", "timeout"})
 _CANCEL_FIELDS = frozenset({"v", "id", "cancel"})
 
 
@@ -160,12 +161,17 @@ class Agent:
             if fid in self._calls:
                 raise ProtocolError(f"id {fid!r} is already in flight")
             params = decode_params(method, frame.get("params", {}))
+            timeout = frame.get("timeout")
+            if timeout is not None and (
+                isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf
+            ):
+                raise ProtocolError(f"'timeout' must be a positive number of seconds, got {timeout!r:.60}")
         except ProtocolError as err:
             self._refuse(reply_id, err)
             return
         scope = anyio.CancelScope()
         self._calls[fid] = scope
-        calls.start_soon(self._run, fid, method, params, scope, name=f"agent call {fid} {method}")
+        calls.start_soon(self._run, fid, method, params, scope, timeout, name=f"agent call {fid} {method}")
 
     def _refuse(self, fid: int | str | None, err: ProtocolError) -> None:
         self._log.warning("frame refused", id=fid, error=err.message)
@@ -173,19 +179,28 @@ class Agent:
 
     # --- calls ---------------------------------------------------------------
 
-    async def _run(self, fid: int | str, method: str, params: dict[str, Any], scope: anyio.CancelScope) -> None:
+    async def _run(
+        self, fid: int | str, method: str, params: dict[str, Any], scope: anyio.CancelScope, timeout: float | None
+    ) -> None:
+        """Run one call; its own deadline (``timeout``) holds even if a cancel frame is lost."""
         try:
             with scope:
+                frame: dict[str, Any] | None = None
                 try:
-                    with hv.progress_sink(lambda fields: self._progress(fid, fields)):
-                        result = await self._invoke(method, params)
-                    frame: dict[str, Any] = {"id": fid, "result": to_wire(result)}
-                    if len(encode_frame(frame)) > MAX_REPLY_FRAME:
-                        raise ProtocolError(f"the result of {method} exceeds the reply limit of {MAX_REPLY_FRAME} bytes")
+                    with anyio.move_on_after(math.inf if timeout is None else timeout) as limit:
+                        with hv.progress_sink(lambda fields: self._progress(fid, fields)):
+                            result = await self._invoke(method, params)
+                        frame = {"id": fid, "result": to_wire(result)}
+                        if len(encode_frame(frame)) > MAX_REPLY_FRAME:
+                            raise ProtocolError(f"the result of {method} exceeds the reply limit of {MAX_REPLY_FRAME} bytes")
                 except Exception as err:  # every failure becomes an error reply; the agent keeps serving
                     if not isinstance(err, HypervisorError):
                         self._log.error("driver call failed", id=fid, method=method, error=repr(err))
                     frame = {"id": fid, "error": error_payload(err, node=self.node)}
+                if limit.cancelled_caught:
+                    message = f"{method} ran out of its deadline of {timeout:g}s on the node; cancelled"
+                    frame = {"id": fid, "error": {"kind": KIND_TIMEOUT, "class": "CallTimeout", "message": message, "node": self.node}}
+                assert frame is not None
                 self._emit(frame)
             if scope.cancelled_caught:
                 self._emit({"id": fid, "cancelled": True})

@@ -29,6 +29,10 @@ from .protocol import decode_result, encode_params
 
 log = structlog.get_logger("herd.transport")
 
+#: Seconds the node lets a call outlive the caller's deadline before it cancels
+#: the call by itself (a backstop for a cancel frame lost in a partition).
+NODE_DEADLINE_GRACE = 1.0
+
 
 def _transport_error(err: BaseException) -> TransportError | None:
     """The TransportError behind ``err``, looking inside task-group exception groups."""
@@ -203,7 +207,12 @@ class ConnectionTransport(Transport):
             with anyio.fail_after(timeout):
                 await self.faults.hit(name, method)
                 conn = await self._connection(state)
-                raw = await conn.call(method, params, on_progress=on_progress, after_send=after_send)
+                # What is left of the deadline (ours or an enclosing one) goes to the node
+                # too, with a grace so that normally our cancel frame gets there first.
+                left = anyio.current_effective_deadline() - anyio.current_time() + NODE_DEADLINE_GRACE
+                raw = await conn.call(
+                    method, params, on_progress=on_progress, after_send=after_send, node_deadline=left
+                )
         except TimeoutError as err:
             if isinstance(err, (TransportError, HypervisorError)):
                 raise

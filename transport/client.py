@@ -10,6 +10,7 @@ calls; when the stream ends every waiting call fails with
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -63,6 +64,7 @@ class AgentConnection:
         self._hello_event = anyio.Event()
         self.closed: str | None = None  # why, once the stream ended
         self._closed_event = anyio.Event()
+        self.closed_error: Exception | None = None  # set when the agent was refused (version)
         self._log = log.bind(node=node)
         #: Error frames that answer no waiting call (refused malformed frames).
         self.refusals: list[dict[str, Any]] = []
@@ -183,8 +185,6 @@ class AgentConnection:
         self.hello = hello
         self._hello_event.set()
 
-    closed_error: Exception | None = None
-
     async def wait_hello(self, timeout: float) -> dict[str, Any]:
         """The agent's hello (version checked); raises if the stream ends first."""
         with anyio.move_on_after(timeout):
@@ -213,6 +213,7 @@ class AgentConnection:
         call_timeout: float | None = None,
         on_progress: ProgressCallback | None = None,
         after_send: Callable[[], None] | None = None,
+        node_deadline: float | None = None,
     ) -> Any:
         """Send one request and wait for its reply; returns the raw (JSON) result.
 
@@ -228,7 +229,10 @@ class AgentConnection:
         try:
             try:
                 with anyio.fail_after(call_timeout):
-                    await self._send_frame({"id": call_id, "method": method, "params": params})
+                    request: dict[str, Any] = {"id": call_id, "method": method, "params": params}
+                    if node_deadline is not None and node_deadline < math.inf:
+                        request["timeout"] = round(max(node_deadline, 0.001), 3)
+                    await self._send_frame(request)
                     sent = True
                     if after_send is not None:
                         after_send()

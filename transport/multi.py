@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from ._base import NodeClient, Transport
 from .config import ClusterConfig
 from .errors import UnknownNode
+from .faults import TransportFaults
 
 
 class MultiTransport(Transport):
@@ -15,6 +16,11 @@ class MultiTransport(Transport):
 
     def __init__(self, transports: Mapping[str, Transport]) -> None:
         self._parts = list(transports.values())
+        #: One fault table for every node (node names are disjoint between parts).
+        self.faults = TransportFaults()
+        for part in self._parts:
+            if hasattr(part, "faults"):
+                part.faults = self.faults  # type: ignore[attr-defined]
         self._route: dict[str, Transport] = {}
         for part in self._parts:
             for name in part.node_names:
@@ -40,6 +46,11 @@ class MultiTransport(Transport):
             return self._route[name].node(name)
         except KeyError:
             raise UnknownNode(f"unknown node {name!r} (known: {', '.join(self._route)})") from None
+
+    async def drop_connection(self, name: str) -> None:
+        """Drop the node's connection now (see ConnectionTransport.drop_connection)."""
+        self.node(name)
+        await self._route[name].drop_connection(name)  # type: ignore[attr-defined]
 
     async def __aenter__(self) -> MultiTransport:
         entered: list[Transport] = []

@@ -8,7 +8,7 @@ the protocol version ``v``.
 Frames (``id`` is an int or a str chosen by the caller, unique while in flight)::
 
     agent → client   {"v": 1, "hello": {"node": …, "hypervisor": …, "pid": …}}
-    client → agent   {"v": 1, "id": 7, "method": "get_node_info", "params": {"hvparams": null}}
+    client → agent   {"v": 1, "id": 7, "method": "get_node_info", "params": {"hvparams": null}, "timeout": 30.0}
     client → agent   {"v": 1, "id": 7, "cancel": true}
     agent → client   {"v": 1, "id": 7, "progress": {…}}              (0..n, long calls)
     agent → client   {"v": 1, "id": 7, "result": …}                  (one of these three)
@@ -19,6 +19,9 @@ Frames (``id`` is an int or a str chosen by the caller, unique while in flight):
 sides decode values against :class:`hv.BaseHypervisor`'s annotations (see
 :data:`METHODS`), so a wrong type is refused with the parameter and the path
 inside it. An error about a frame that has no usable id carries ``"id": null``.
+``timeout`` (optional, seconds) is the call's own deadline: the agent cancels
+the call when it runs out even if the client's cancel frame never arrives
+(a partition), and answers with an error of kind ``timeout``.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import msgspec
 from hv import REMOTE_METHODS, BaseHypervisor
 from hv.errors import ERROR_CLASSES, HypervisorError
 
-from .errors import ProtocolError
+from .errors import CallTimeout, ProtocolError
 
 #: Bumped on any incompatible change of the frames or of a method's encoding.
 PROTOCOL_VERSION = 1
@@ -49,6 +52,7 @@ MAX_REPLY_FRAME = 16 << 20
 KIND_HV = "hv"
 KIND_PROTOCOL = "protocol"
 KIND_INTERNAL = "internal"
+KIND_TIMEOUT = "timeout"  # the call's own deadline ran out on the node
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder()
@@ -182,6 +186,8 @@ def error_from_payload(payload: Any, *, node: str, method: str) -> Exception:
     kind = payload.get("kind")
     if kind == KIND_PROTOCOL:
         return ProtocolError(f"{method}: agent refused the call: {message}", node=err_node)
+    if kind == KIND_TIMEOUT:
+        return CallTimeout(message, node=err_node)
     cls = ERROR_CLASSES.get(cls_name) if kind == KIND_HV and isinstance(cls_name, str) else None
     if cls is not None:
         return cls(message, node=err_node)

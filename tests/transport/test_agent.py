@@ -101,3 +101,18 @@ async def test_frame_reader_refuses_oversized_frames_but_keeps_their_id() -> Non
     assert await reader.next() == b'{"v":1,"id":43}'
     assert await reader.next() == b"tail-without-newline"
     assert await reader.next() is None
+
+
+def test_error_payloads_rebuild_the_right_exception() -> None:
+    import hv
+    from transport.protocol import error_from_payload, error_payload
+
+    err = error_from_payload(error_payload(hv.MigrationError("no room", node="n2"), node="n2"), node="n2", method="m")
+    assert type(err) is hv.MigrationError and err.node == "n2" and str(err) == "[node n2] no room"
+    unknown = error_from_payload({"kind": "hv", "class": "WeirdError", "message": "x"}, node="n1", method="m")
+    assert type(unknown) is hv.HypervisorError and "WeirdError: x" in str(unknown)
+    timeout = error_from_payload({"kind": "timeout", "class": "CallTimeout", "message": "late"}, node="n1", method="m")
+    assert isinstance(timeout, transport.CallTimeout) and isinstance(timeout, TimeoutError)
+    proto = error_from_payload({"kind": "protocol", "class": "ProtocolError", "message": "bad"}, node="n1", method="m")
+    assert isinstance(proto, transport.ProtocolError) and proto.node == "n1"
+    assert isinstance(error_from_payload("garbage", node="n1", method="m"), transport.ProtocolError)

@@ -206,3 +206,20 @@ async def test_transport_fault_injection(setup: Setup) -> None:
     await t.node("n2").ping()
     assert anyio.current_time() - start >= 0.05
     assert not math.isnan(start)
+
+
+async def test_the_node_enforces_the_call_deadline_even_without_a_cancel_frame(setup: Setup) -> None:
+    node = setup.transport.node("n2")
+    conn: AgentConnection = await node.connection()  # type: ignore[attr-defined]
+    before = len(conn.refusals)
+    # A raw request that nobody will cancel: the agent's own deadline stops it.
+    await conn.send_raw(b'{"v":1,"id":"d1","method":"verify","params":{"hvparams":{"sleep":30}},"timeout":0.3}\n')
+    with anyio.fail_after(10):
+        reply = await conn.next_refusal(before)
+    assert reply["id"] == "d1" and reply["error"]["kind"] == "timeout"
+    assert "verify ran out of its deadline of 0.3s on the node" in reply["error"]["message"]
+    assert any(e["event"] == "cleanup" for e in setup.events("n2"))
+    await conn.send_raw(b'{"v":1,"id":"d2","method":"ping","timeout":-1}\n')
+    with anyio.fail_after(10):
+        bad = await conn.next_refusal(before + 1)
+    assert "'timeout' must be a positive number" in bad["error"]["message"]
