@@ -49,6 +49,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     hv_version: str = "1.0"
     chunk_size: int = 64 * 1024  # bytes per data frame on the migration stream
     connect_timeout: float = 5.0  # seconds for the migration connection and the final ack
+    stall_timeout: float | None = None  # seconds a stream may make no progress; None: wait (like QEMU)
     faults: dict[str, FileFault] = msgspec.field(default_factory=dict)
 
 
@@ -87,6 +88,8 @@ def validate(settings: Settings, where: str = "") -> Settings:
     if settings.chunk_size > 16 * 1024 * 1024:
         raise _fail(f"{p}'chunk_size'", f"must be at most 16 MiB, not {settings.chunk_size}")
     _number(f"{p}'connect_timeout'", settings.connect_timeout, positive=True)
+    if settings.stall_timeout is not None:
+        _number(f"{p}'stall_timeout'", settings.stall_timeout, positive=True)
     for method, fault in settings.faults.items():
         if not isinstance(method, str) or not method.isidentifier():
             raise _fail(f"{p}'faults'", f"key must be a method name, not {method!r}")

@@ -16,6 +16,7 @@ for calls; ``stream-start``/``stream-end`` (``role`` source/target, ``status``,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import math
@@ -71,6 +72,23 @@ _TARGET = re.compile(r"^(?:tcp:)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5
 _ACTIVE = frozenset({MigrationState.SETUP.value, MigrationState.ACTIVE.value, MigrationState.DEVICE.value})
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+class StreamStalled(MigrationError):
+    """A migration stream made no progress for ``stall_timeout`` seconds."""
+
+
+@contextlib.contextmanager
+def _stall_guard(seconds: float | None, what: str) -> Any:
+    """Fail a blocked send/receive after ``seconds`` (None: wait forever, like QEMU)."""
+    if seconds is None:
+        yield
+        return
+    try:
+        with anyio.fail_after(seconds):
+            yield
+    except TimeoutError:
+        raise StreamStalled(f"migration stream stalled: {what} made no progress for {seconds:g}s") from None
 
 
 def _instance_of(sig: inspect.Signature, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
@@ -286,7 +304,8 @@ class FakeHypervisor(BaseHypervisor):
         ``soft_stop_delay`` (s; None: the guest ignores ACPI),
         ``hard_stop_delay``, ``reboot_delay`` (s), ``memory_total`` (MiB;
         None: the constructor's), ``cpu_total``, ``hv_version``,
-        ``chunk_size`` (bytes), ``connect_timeout`` (s), ``faults``
+        ``chunk_size`` (bytes), ``connect_timeout`` (s), ``stall_timeout``
+        (s a stream may stand still before it fails; None: forever), ``faults``
         (method → ``{"error", "delay", "hang", "times"}``, replaced whole).
         """
         state = StateDir(state_dir)
@@ -736,8 +755,10 @@ class FakeHypervisor(BaseHypervisor):
                 finally:
                     with anyio.CancelScope(shield=True):
                         await listener.aclose()
+                stall = self._config.read().stall_timeout
                 reader = FrameReader(stream)
-                header = await reader.expect_json(HEADER)
+                with _stall_guard(stall, "receiving the header"):
+                    header = await reader.expect_json(HEADER)
                 if header.get("instance") != name:
                     raise ProtocolError(f"stream is for instance {header.get('instance')!r}, not {name!r}")
                 if header.get("ram_total") != mig.ram_total:
@@ -748,9 +769,11 @@ class FakeHypervisor(BaseHypervisor):
                 mig.notify()
                 last = anyio.current_time()
                 while True:
-                    kind, length = await reader.next_header()
+                    with _stall_guard(stall, "receiving"):
+                        kind, length = await reader.next_header()
+                        if kind == DATA:
+                            mig.transferred += await reader.skip(length)
                     if kind == DATA:
-                        mig.transferred += await reader.skip(length)
                         now = anyio.current_time()
                         if now - last >= PROGRESS_INTERVAL:
                             last = now
@@ -969,7 +992,8 @@ class FakeHypervisor(BaseHypervisor):
                             break
                         continue
                     chunk = min(mig.to_send, max(settings.chunk_size, settings.bandwidth // 100), len(buf))
-                    await send_frame(stream, DATA, buf[:chunk])
+                    with _stall_guard(settings.stall_timeout, "sending"):
+                        await send_frame(stream, DATA, buf[:chunk])
                     mig.to_send -= chunk
                     mig.transferred += chunk
                     note_bytes += chunk

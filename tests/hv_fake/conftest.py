@@ -48,6 +48,7 @@ class KillableProxy:
         self.forwarded = 0
         self.scope = anyio.CancelScope()
         self.port = 0
+        self.frozen = False
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
         async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
@@ -62,6 +63,8 @@ class KillableProxy:
             async def pipe(src: anyio.abc.ByteStream, dst: anyio.abc.SocketStream, count: bool) -> None:
                 with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
                     async for data in src:
+                        if self.frozen:  # a black hole: connections stay open, nothing moves
+                            await anyio.sleep_forever()
                         if count:
                             self.forwarded += len(data)
                         await dst.send(data)
@@ -70,6 +73,10 @@ class KillableProxy:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(pipe, client, upstream, True)
                 tg.start_soon(pipe, upstream, client, False)
+
+    def freeze(self) -> None:
+        """Stop moving bytes but keep the connections open (a black-holed path)."""
+        self.frozen = True
 
     def kill(self) -> None:
         """Cut every forwarded connection at once (both sockets closed)."""

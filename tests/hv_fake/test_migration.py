@@ -271,3 +271,25 @@ async def test_non_live_migration_downtime_is_the_whole_migration(make_node: Nod
     await dst.finalize_migration_dst(spec, info, True)
     await src.finalize_migration_source(spec, True, False)
     assert states(src) == {} and states(dst) == {"web1": "running"}
+
+
+@pytest.mark.asyncio
+async def test_black_holed_stream_fails_after_the_stall_timeout(make_node: NodeFactory, tmp_path: Path) -> None:
+    spec = inst("web1", 64)
+    src, dst, info, address = await prepare(make_node, tmp_path, spec, bandwidth=128 * MIB, stall_timeout=0.3)
+    FakeHypervisor.configure(tmp_path / "dst", stall_timeout=0.3)
+    async with anyio.create_task_group() as tg:
+        proxy = KillableProxy(*split_address(address))
+        port = await tg.start(proxy.run)
+        await src.migrate_instance("c1", spec, f"tcp:127.0.0.1:{port}", True)
+        await wait_status(src, spec, lambda s: s.progress >= 0.2)
+        proxy.freeze()
+        final = (await wait_status(src, spec, lambda s: s.is_final))[-1]
+        target = (await wait_status(dst, spec, lambda s: s.is_final))[-1]
+        proxy.kill()
+    assert final.status == "failed" and "stalled: sending made no progress for 0.3s" in (final.error or ""), final
+    assert target.status == "failed" and "stalled: receiving" in (target.error or ""), target
+    assert states(src) == {"web1": "running"}
+    await dst.finalize_migration_dst(spec, info, False)
+    await src.finalize_migration_source(spec, False, True)
+    assert states(src) == {"web1": "running"} and states(dst) == {}
