@@ -38,6 +38,8 @@ from ._ops import (
     op_from_dict,
     operation_type,
 )
+from ._ops_migration import EvacuateNode, Failover, Migrate, Reconcile, VerifyCluster
+from ._policy import MigrationPolicy, TimeoutAction
 from ._store import SqliteStore, Store
 from ._workflow import Context, Outcome, Workflow, register_workflow, workflow_for
 from .errors import (
@@ -66,6 +68,13 @@ __all__ = [
     "DependencyFailed",
     "Engine",
     "EngineError",
+    "EvacuateNode",
+    "Failover",
+    "Migrate",
+    "MigrationPolicy",
+    "Reconcile",
+    "TimeoutAction",
+    "VerifyCluster",
     "ErrorInfo",
     "Event",
     "InstanceNotKnown",

@@ -547,6 +547,7 @@ class Engine:
         if cancelled:
             await self._transition(h, [JobState.CANCELLING], data={"reason": reason})
         log.info("compensating", reason=reason)
+        ctx.mode = "compensate"
         comp_error: BaseException | None = None
         try:
             with anyio.fail_after(workflow.COMPENSATION_TIMEOUT):
@@ -614,7 +615,7 @@ class Engine:
     async def _context(self, h: _JobHandle, log: Any, recovering: bool = False) -> Context:
         job = await self.store.get_job(h.id)
         ctx = Context(
-            engine=self, handle=h, journal=list(job.steps), recovering=recovering,
+            engine=self, handle=h, journal=list(job.steps), recovering=recovering, mode="recover" if recovering else "run",
             rng=random.Random(self.rng.random()), log=log,
         )
         h.ctx = ctx
@@ -750,14 +751,18 @@ class Engine:
         health = self._health.get(name)
         return health is not None and health.status.online
 
-    async def _node_call(self, node: str, method: str, args: Sequence[Any], kwargs: dict[str, Any], *, on_progress: Any) -> Any:
-        """One call, failing fast (NodeOffline) if the pinger marks the node offline."""
+    async def _node_call(
+        self, node: str, method: str, args: Sequence[Any], kwargs: dict[str, Any], *, on_progress: Any, fail_fast: bool = True
+    ) -> Any:
+        """One call; with ``fail_fast``, NodeOffline if the node is (or goes) offline."""
         health = self._health.get(node)
         if health is None:
             raise NodeOffline(f"node {node!r} is not part of the cluster", node=node)
+        client = self.transport.node(node)
+        if not fail_fast:
+            return await client.call(method, *args, on_progress=on_progress, **kwargs)
         if not health.status.online:
             raise NodeOffline(f"node {node} is offline ({health.status.error}); not calling {method}", node=node)
-        client = self.transport.node(node)
         outcome: dict[str, Any] = {}
         offline_event = health.offline_event
         async with anyio.create_task_group() as tg:

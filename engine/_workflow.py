@@ -140,6 +140,10 @@ class Context:
     handle: _JobHandle
     journal: list[Step]
     recovering: bool = False
+    #: "run", "compensate" or "recover". Only the forward path fails fast on
+    #: a node the pinger has marked offline; compensation and recovery try the
+    #: node for real (it may be back), within their deadlines.
+    mode: str = "run"
     rng: random.Random = field(default_factory=random.Random)
     log: Any = None
     _progress: list[dict[str, Any]] = field(default_factory=list)
@@ -216,10 +220,14 @@ class Context:
                 while True:
                     attempts += 1
                     try:
-                        result = await self.engine._node_call(node, method, args, kwargs, on_progress=self._node_progress(name, node))
+                        result = await self.engine._node_call(
+                            node, method, args, kwargs, on_progress=self._node_progress(name, node), fail_fast=self.mode == "run"
+                        )
                         break
                     except (NodeUnreachable, CallTimeout) as err:
-                        if not idempotent or isinstance(err, NodeOffline):
+                        if not idempotent or isinstance(err, NodeOffline) or not self.node_online(node):
+                            # Not blindly retried: state-changing calls, and any
+                            # call to a node already known to be offline.
                             raise
                         delay = min(0.05 * 2 ** min(attempts, 8), 2.0) * (0.5 + self.rng.random())
                         log.warning("transient error; retrying", error=str(err), attempt=attempts, retry_in=round(delay, 3))

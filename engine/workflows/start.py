@@ -8,7 +8,9 @@ import msgspec
 
 import hv
 
-from .._inventory import AdminState, SetAdminState
+from transport.errors import NodeUnreachable
+
+from .._inventory import AddPendingCleanup, AdminState, SetAdminState
 from .._ops import StartInstance
 from .._workflow import Context, Outcome, Workflow, register_workflow
 from ..errors import StepFailed
@@ -55,7 +57,15 @@ class StartWorkflow(Workflow[StartInstance]):
             return  # nothing was started
         node, spec = await self._target(ctx)
         # The start may have gone through on the node before the cancel did.
-        await ctx.call(node, "stop_instance", spec, force=True, retry=True, step="compensate-stop", deadline=60.0)
+        try:
+            await ctx.call(node, "stop_instance", spec, force=True, retry=True, step="compensate-stop", deadline=60.0)
+        except NodeUnreachable as err:
+            # Unknown whether it runs there: say so for Reconcile, then fail.
+            await ctx.commit(
+                "compensate-pending-cleanup",
+                [AddPendingCleanup(instance=spec.name, node=node, reason=f"start of job {ctx.job_id} interrupted; node unreachable: {err}")],
+            )
+            raise
         await ctx.set_admin_state(spec.name, AdminState.DOWN, step="compensate-admin-down")
 
     async def recover(self, ctx: Context) -> Outcome:

@@ -6,7 +6,9 @@ from typing import Any
 
 import hv
 
-from .._inventory import AdminState, SetAdminState
+from transport.errors import NodeUnreachable
+
+from .._inventory import AddPendingCleanup, AdminState, SetAdminState
 from .._ops import StopInstance
 from .._workflow import Context, Outcome, Workflow, register_workflow
 from ..errors import StepFailed
@@ -47,7 +49,15 @@ class StopWorkflow(Workflow[StopInstance]):
     async def compensate(self, ctx: Context, reason: str) -> None:
         if ctx.last_step("stop") is None:
             return
-        await self._settle_admin_state(ctx, "compensate")
+        try:
+            await self._settle_admin_state(ctx, "compensate")
+        except NodeUnreachable as err:
+            record = await ctx.instance(self.op.instance)
+            await ctx.commit(
+                "compensate-pending-cleanup",
+                [AddPendingCleanup(instance=record.name, node=record.primary, reason=f"stop of job {ctx.job_id} interrupted; node unreachable: {err}")],
+            )
+            raise
 
     async def recover(self, ctx: Context) -> Outcome:
         if ctx.cancel_reason is not None:

@@ -191,6 +191,9 @@ async def test_node_killed_mid_job_fails_with_node_unreachable(tmp_path: Path, s
             assert job.error.node == "n1"
             # keepalive bound: 0.5 s × 2, plus the ping timeout and slack
             assert elapsed < 6.0, elapsed
+            # the stop's outcome on n1 is unknown: recorded for a later Reconcile
+            pending = (await engine.instance("web1")).pending_cleanup
+            assert [(p.node, p.job_id) for p in pending] == [("n1", job_id)] and "unreachable" in pending[0].reason
             n1 = next(n for n in engine.nodes() if n.name == "n1")
             assert not n1.online and n1.error
             # jobs that need the node fail fast with the reason
