@@ -9,7 +9,6 @@ from typing import Any
 
 import anyio
 import anyio.abc
-import pytest
 import pytest_asyncio
 
 import hv

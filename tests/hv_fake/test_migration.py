@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import anyio
+import anyio.abc
 import pytest
 
 import hv
@@ -202,6 +203,19 @@ async def test_cancelled_migrate_call_fails_the_migration(make_node: NodeFactory
     assert states(dst) == {}
 
 
+async def read_line(proc: anyio.abc.Process) -> str:
+    assert proc.stdout is not None
+    line = b""
+    with anyio.fail_after(20):
+        while not line.endswith(b"\n"):
+            line += await proc.stdout.receive()
+    return line.decode().strip()
+
+
+def node_process(role: str, state_dir: Path, node: str, arg: str) -> list[str]:
+    return [sys.executable, "-m", "tests.hv_fake._node_process", role, str(state_dir), node, arg]
+
+
 @pytest.mark.asyncio
 async def test_target_agent_killed_mid_migration(make_node: NodeFactory, tmp_path: Path) -> None:
     """The target node's agent dies (SIGKILL); a restarted driver reports the migration failed."""
@@ -210,15 +224,9 @@ async def test_target_agent_killed_mid_migration(make_node: NodeFactory, tmp_pat
     FakeHypervisor.configure(tmp_path / "src", bandwidth=64 * MIB)
     await src.start_instance(spec)
     info = await src.migration_info(spec)
-    argv = [sys.executable, "-m", "tests.hv_fake._target_node", str(tmp_path / "dst"), "dst", info]
-    async with await anyio.open_process(argv, cwd=ROOT) as proc:
+    async with await anyio.open_process(node_process("target", tmp_path / "dst", "dst", info), cwd=ROOT) as proc:
         try:
-            assert proc.stdout is not None
-            with anyio.fail_after(20):
-                line = b""
-                while not line.endswith(b"\n"):
-                    line += await proc.stdout.receive()
-            await src.migrate_instance("c1", spec, line.decode().strip(), True)
+            await src.migrate_instance("c1", spec, await read_line(proc), True)
             await wait_status(src, spec, lambda s: s.progress >= 0.2)
         finally:
             proc.send_signal(signal.SIGKILL)
@@ -229,6 +237,32 @@ async def test_target_agent_killed_mid_migration(make_node: NodeFactory, tmp_pat
     st = await dst.get_migration_status(spec)
     assert st.status == "failed" and "previous driver" in (st.error or "")
     assert any(e["event"] == "recovered" for e in FakeHypervisor.read_events(tmp_path / "dst"))
+    await dst.finalize_migration_dst(spec, info, False)
+    await src.finalize_migration_source(spec, False, True)
+    assert states(dst) == {} and states(src) == {"web1": "running"}
+
+
+@pytest.mark.asyncio
+async def test_source_agent_killed_mid_migration(make_node: NodeFactory, tmp_path: Path) -> None:
+    """The source's agent dies mid-stream: the target fails; the restarted source runs the instance."""
+    spec = inst("web1", 64)
+    dst = make_node("dst")
+    FakeHypervisor.configure(tmp_path / "src", bandwidth=64 * MIB)
+    info = '{"spec":{"name":"web1","beparams":{"minmem":64,"maxmem":64,"vcpus":1}},"memory":64,"vcpus":1,"hv_version":"1.0"}'
+    address = await dst.accept_instance(spec, info, "")
+    async with await anyio.open_process(node_process("source", tmp_path / "src", "src", address), cwd=ROOT) as proc:
+        try:
+            assert await read_line(proc) == "migrating"
+            await wait_status(dst, spec, lambda s: s.ram_transferred >= 0.2 * 64 * MIB)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+    target = (await wait_status(dst, spec, lambda s: s.is_final))[-1]
+    assert target.status == "failed" and "broke" in (target.error or "")
+    src = make_node("src")  # the restarted agent's driver
+    st = await src.get_migration_status(spec)
+    assert st.status == "failed" and "previous driver" in (st.error or "")
+    assert states(src) == {"web1": "running"}
     await dst.finalize_migration_dst(spec, info, False)
     await src.finalize_migration_source(spec, False, True)
     assert states(dst) == {} and states(src) == {"web1": "running"}
