@@ -83,11 +83,15 @@ async def _node_saw(fc: FakeCluster, node: str, event: str, method: str) -> None
 
 # (name, op, step to kill at, faults to arm, web1 running before, expected state, web1 running after)
 SCENARIOS = [
+    ("start@check", {"kind": "start-instance", "instance": "web1"}, "check-state", {"get_instance_info": {"hang": True, "times": 1}}, False, "failed", False),
+    ("start@memory", {"kind": "start-instance", "instance": "web1"}, "node-memory", {"get_node_info": {"hang": True, "times": 1}}, False, "failed", False),
     ("start@start", {"kind": "start-instance", "instance": "web1"}, "start", {"start_instance": {"hang": True, "times": 1}}, False, "failed", False),
     ("start@prove", {"kind": "start-instance", "instance": "web1"}, "prove-running", None, False, "succeeded", True),
     ("stop@stop", {"kind": "stop-instance", "instance": "web1", "timeout": 5}, "stop", {"stop_instance": {"hang": True, "times": 1}}, True, "succeeded", False),
     ("stop@prove", {"kind": "stop-instance", "instance": "web1"}, "prove-stopped", {"get_instance_info": {"hang": True, "times": 1}}, True, "succeeded", False),
     ("reboot@reboot", {"kind": "reboot-instance", "instance": "web1"}, "reboot", {"reboot_instance": {"hang": True, "times": 1}}, True, "failed", True),
+    ("reboot@check", {"kind": "reboot-instance", "instance": "web1"}, "check-state", {"get_instance_info": {"hang": True, "times": 1}}, True, "succeeded", True),
+    ("hard-reboot@stop", {"kind": "reboot-instance", "instance": "web1", "reboot_type": "hard"}, "stop", {"stop_instance": {"hang": True, "times": 1}}, True, "failed", True),
     ("hard-reboot@start", {"kind": "reboot-instance", "instance": "web1", "reboot_type": "hard"}, "start", {"start_instance": {"hang": True, "times": 1}}, True, "failed", True),
 ]
 

@@ -201,3 +201,28 @@ async def test_node_killed_mid_job_fails_with_node_unreachable(tmp_path: Path, s
             assert fast.state is JobState.FAILED and fast.error is not None and fast.error.type == "NodeOffline"
             cluster_events = [e.kind for e in await engine.store.events(None)]
             assert "node-offline" in cluster_events
+
+
+async def test_idempotent_reads_retry_state_changes_do_not(local_cluster: FakeCluster, store_path: Path) -> None:
+    from transport.errors import NodeUnreachable
+
+    async with local_cluster.engine(store_path) as engine:
+        faults = engine.transport.faults
+        faults.inject("n1", "get_instance_info", error=NodeUnreachable("blip", node="n1"), times=2)
+        job = await engine.wait(await engine.submit(StartInstance(instance="web1")))
+        assert job.state is JobState.SUCCEEDED, job.error
+        assert job.steps[0].name == "check-state" and job.steps[0].attempts == 3
+
+        faults.inject("n1", "reboot_instance", error=NodeUnreachable("lost", node="n1"), times=1)
+        job = await engine.wait(await engine.submit(RebootInstance(instance="web1")))
+        assert job.state is JobState.FAILED and job.error is not None and job.error.type == "NodeUnreachable"
+        reboot = next(s for s in job.steps if s.name == "reboot")
+        assert reboot.attempts == 1 and reboot.state.value == "failed"
+        # compensation still reached the node and left the instance running
+        assert "web1" in local_cluster.running("n1")
+        assert (await engine.instance("web1")).admin_state is AdminState.UP
+        # the node was marked offline by the failure, and is probed back online
+        with anyio.fail_after(10):
+            while not all(n.online for n in engine.nodes()):
+                await anyio.sleep(0.05)
+        assert [e.kind for e in await engine.store.events(None) if e.kind.startswith("node-")] == ["node-offline", "node-online"]
