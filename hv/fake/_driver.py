@@ -1027,6 +1027,7 @@ class FakeHypervisor(BaseHypervisor):
                 )
                 # The guest stays paused (QEMU's postmigrate) until finalize.
                 self._update(name, state=HvInstanceState.PAUSED)
+                mig.notify()  # a long-polling caller sees "completed" now, not after the close
         except Exception as err:  # noqa: BLE001 - any failure fails the migration, never the source
             self._source_failed(mig, f"{type(err).__name__}: {err}".rstrip(": "), resume=completion_pause)
         finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import time
 from pathlib import Path
 
 import anyio
@@ -43,9 +44,12 @@ async def test_live_migration_over_tcp_moves_the_bytes(make_node: NodeFactory, t
         port = await tg.start(proxy.run)
         await src.migrate_instance("c1", spec, f"tcp:127.0.0.1:{port}", True)
         seen = await wait_status(src, spec, lambda s: s.is_final)
+        seen_at = time.time()  # the journal's clock (wall time), only to measure the latency
         proxy.kill()
     final = seen[-1]
     assert final.status == "completed", final
+    ended = [e["t"] for e in FakeHypervisor.read_events(tmp_path / "src") if e["event"] == "stream-end"]
+    assert len(ended) == 1 and abs(seen_at - ended[0]) < 0.05  # the long-poll saw completion at once
     active = [s for s in seen if s.status == "active"]
     assert len(active) >= 3
     sent = [s.ram_transferred for s in active]
