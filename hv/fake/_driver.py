@@ -74,6 +74,19 @@ _ACTIVE = frozenset({MigrationState.SETUP.value, MigrationState.ACTIVE.value, Mi
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
+def _describe(err: BaseException) -> str:
+    """A broken stream's cause in words (anyio's stream errors carry no message)."""
+    if isinstance(err, HypervisorError):
+        return err.message
+    if isinstance(err, (anyio.EndOfStream, anyio.IncompleteRead)):
+        return "the peer closed the connection"
+    if isinstance(err, (anyio.BrokenResourceError, anyio.ClosedResourceError)):
+        cause = err.__cause__ or err.__context__
+        return "the connection broke" + (f" ({cause})" if cause else "")
+    text = str(err)
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
 class StreamStalled(MigrationError):
     """A migration stream made no progress for ``stall_timeout`` seconds."""
 
@@ -796,7 +809,7 @@ class FakeHypervisor(BaseHypervisor):
                 )
                 await send_json(stream, ACK, {"ram_received": mig.transferred})
         except Exception as err:  # noqa: BLE001 - any broken stream fails the incoming side
-            self._target_failed(mig, f"incoming migration stream broke: {type(err).__name__}: {err}".rstrip(": "))
+            self._target_failed(mig, f"incoming migration stream broke: {_describe(err)}")
         finally:
             with anyio.CancelScope(shield=True):
                 if stream is not None:
@@ -1029,7 +1042,7 @@ class FakeHypervisor(BaseHypervisor):
                 self._update(name, state=HvInstanceState.PAUSED)
                 mig.notify()  # a long-polling caller sees "completed" now, not after the close
         except Exception as err:  # noqa: BLE001 - any failure fails the migration, never the source
-            self._source_failed(mig, f"{type(err).__name__}: {err}".rstrip(": "), resume=completion_pause)
+            self._source_failed(mig, f"migration stream failed: {_describe(err)}", resume=completion_pause)
         finally:
             with anyio.CancelScope(shield=True):
                 if stream is not None:
