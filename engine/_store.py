@@ -202,6 +202,16 @@ _JOB_COLUMNS = (
 )
 
 
+class _WriteRequest:
+    __slots__ = ("fn", "result", "error", "done")
+
+    def __init__(self, fn: Callable[[sqlite3.Connection], Any]) -> None:
+        self.fn = fn
+        self.result: Any = None
+        self.error: Exception | None = None
+        self.done = False
+
+
 class SqliteStore(Store):
     """The embedded store: one SQLite file in WAL mode."""
 
@@ -213,6 +223,11 @@ class SqliteStore(Store):
         self._conn: sqlite3.Connection | None = None
         self._limiter = anyio.CapacityLimiter(1)
         self._thread_lock = threading.Lock()
+        self._read_conn: sqlite3.Connection | None = None
+        self._read_limiter = anyio.CapacityLimiter(1)
+        self._read_thread_lock = threading.Lock()
+        self._write_lock = anyio.Lock()
+        self._queue: list[_WriteRequest] = []
 
     def __repr__(self) -> str:
         return f"SqliteStore({str(self.path)!r})"
@@ -220,6 +235,7 @@ class SqliteStore(Store):
     # --- plumbing -----------------------------------------------------------
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` on the writer connection, in its worker thread."""
         conn = self._conn
         if conn is None:
             raise StoreError(f"store {self.path} is not open")
@@ -230,18 +246,61 @@ class SqliteStore(Store):
 
         return await anyio.to_thread.run_sync(work, limiter=self._limiter)
 
-    async def _txn(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        def work(conn: sqlite3.Connection) -> T:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                out = fn(conn)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-            return out
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a read on the reader connection (WAL: it never waits for the writer)."""
+        conn = self._read_conn
+        if conn is None:
+            raise StoreError(f"store {self.path} is not open")
 
-        return await self._run(work)
+        def work() -> T:
+            with self._read_thread_lock:
+                return fn(conn)
+
+        return await anyio.to_thread.run_sync(work, limiter=self._read_limiter)
+
+    async def _txn(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` in a write transaction; return once it is committed.
+
+        Group commit: writes that arrive while another commit is in progress
+        are queued, and the next one to get the write lock runs the whole
+        queue in one transaction, each write inside its own SAVEPOINT (a
+        failing write is rolled back alone and raises to its caller only).
+        Each caller still returns only after the COMMIT holding its write.
+        Shielded: a write that was queued is finished, never half-known.
+        """
+        request = _WriteRequest(fn)
+        self._queue.append(request)
+        with anyio.CancelScope(shield=True):
+            async with self._write_lock:
+                if not request.done:
+                    batch, self._queue = self._queue, []
+                    await self._run(lambda conn: self._commit_batch(conn, batch))
+        if request.error is not None:
+            raise request.error
+        return request.result  # type: ignore[no-any-return]
+
+    @staticmethod
+    def _commit_batch(conn: sqlite3.Connection, batch: list[_WriteRequest]) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for request in batch:
+                conn.execute("SAVEPOINT w")
+                try:
+                    request.result = request.fn(conn)
+                except Exception as err:
+                    conn.execute("ROLLBACK TO w")
+                    request.error = err
+                conn.execute("RELEASE w")
+            conn.execute("COMMIT")
+        except BaseException as err:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            for request in batch:
+                request.result, request.error = None, err if isinstance(err, Exception) else StoreError(f"write aborted: {err!r}")
+            raise
+        finally:
+            for request in batch:
+                request.done = True
 
     # --- lifecycle ----------------------------------------------------------
 
@@ -266,9 +325,16 @@ class SqliteStore(Store):
                 raise
             return conn
 
+        def connect_reader() -> sqlite3.Connection:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
+            conn.execute("PRAGMA query_only=ON")
+            return conn
+
         try:
             self._conn = await anyio.to_thread.run_sync(connect)
+            self._read_conn = await anyio.to_thread.run_sync(connect_reader)
         except sqlite3.DatabaseError as err:
+            await self.aclose()
             raise StoreError(f"cannot open store {self.path}: {err}") from err
         for suffix in ("", "-wal", "-shm"):
             p = Path(f"{self.path}{suffix}")
@@ -303,12 +369,15 @@ class SqliteStore(Store):
 
     async def aclose(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None:
-            with anyio.CancelScope(shield=True):
+        reader, self._read_conn = self._read_conn, None
+        with anyio.CancelScope(shield=True):
+            if reader is not None:
+                await anyio.to_thread.run_sync(reader.close, limiter=self._read_limiter)
+            if conn is not None:
                 await anyio.to_thread.run_sync(conn.close, limiter=self._limiter)
 
     async def schema_version(self) -> int:
-        return await self._run(lambda c: c.execute("SELECT MAX(version) FROM schema_migrations").fetchone()[0])
+        return await self._read(lambda c: c.execute("SELECT MAX(version) FROM schema_migrations").fetchone()[0])
 
     # --- helpers inside a transaction ---------------------------------------
 
@@ -481,7 +550,7 @@ class SqliteStore(Store):
                 job.steps = [self._step_from_row(r) for r in rows]
             return job
 
-        return await self._run(work)
+        return await self._read(work)
 
     async def list_jobs(self, *, states: Iterable[JobState] | None = None, limit: int | None = None) -> list[Job]:
         wanted = [JobState(s).value for s in states] if states is not None else None
@@ -500,7 +569,7 @@ class SqliteStore(Store):
                 args.append(int(limit))
             return [self._job_from_row(r) for r in conn.execute(sql, args).fetchall()]
 
-        return await self._run(work)
+        return await self._read(work)
 
     # --- steps and events ---------------------------------------------------
 
@@ -573,7 +642,7 @@ class SqliteStore(Store):
                 ).fetchall()
             return [Event(seq=s, job_id=j, ts=t, kind=k, data=_loads(d)) for s, j, t, k, d in rows]
 
-        return await self._run(work)
+        return await self._read(work)
 
     # --- inventory ----------------------------------------------------------
 
@@ -630,7 +699,7 @@ class SqliteStore(Store):
             ).fetchall()
             return {r[0]: self._record_from_row(r) for r in rows}
 
-        return await self._run(work)
+        return await self._read(work)
 
     async def add_instance(self, record: InstanceRecord, *, now: float, replace: bool = False) -> None:
         def work(conn: sqlite3.Connection) -> None:
