@@ -1,0 +1,113 @@
+"""The engine SIGKILLed at each migration step, reopened: the job settles from the nodes' real state.
+
+The engine runs in a subprocess (``tests.engine.engine_proc``) with its fake
+nodes in-process (``transport = "local"``): the kill takes the migration
+stream with it, exactly what an engine host losing power does. The state
+directories survive; the reopened engine's ``recover()`` reconciles.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from anyio.streams.text import TextReceiveStream
+
+import hv
+from engine import AdminState, Engine, JobState
+from hv.fake import FakeHypervisor
+
+from .conftest import MIB, spec
+
+pytestmark = pytest.mark.anyio
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write_cluster(tmp: Path) -> Path:
+    lines = ['[cluster]', 'name = "crash"', 'transport = "local"', 'hypervisor = "fake"']
+    for node in ("n1", "n2"):
+        lines += [f"[nodes.{node}]", f'hv_options = {{ state_dir = "{tmp / node}" }}']
+    lines += ['[instances.web1]', 'primary = "n1"', 'admin_state = "up"', "beparams = { minmem = 128, maxmem = 128, vcpus = 1 }"]
+    path = tmp / "cluster.toml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+async def run_until_step(store: Path, cluster: Path, op: dict[str, Any], step: str, log: Path) -> int:
+    """Start an engine process, submit ``op``, SIGKILL it once ``step`` has started."""
+    argv = [sys.executable, "-m", "tests.engine.engine_proc", "--store", str(store), "--cluster", str(cluster), "--submit", json.dumps(op)]
+    job_id = None
+    with open(log, "ab") as err:
+        async with await anyio.open_process(argv, cwd=REPO, stderr=err) as proc:
+            try:
+                assert proc.stdout is not None
+                buffer = ""
+                with anyio.fail_after(30):
+                    async for chunk in TextReceiveStream(proc.stdout):
+                        buffer += chunk
+                        *lines, buffer = buffer.split("\n")
+                        hit = False
+                        for line in lines:
+                            msg = json.loads(line)
+                            if "submitted" in msg:
+                                job_id = msg["submitted"]
+                            elif msg.get("kind") == "step-start" and msg["data"].get("step") == step:
+                                hit = True
+                            elif msg.get("kind") == "state" and msg["data"]["state"] in ("succeeded", "failed", "cancelled"):
+                                raise AssertionError(f"job ended before step {step!r}: {msg}")
+                        if hit:
+                            break
+            finally:
+                proc.kill()  # SIGKILL: no cleanup, no final writes
+                await proc.wait()
+    assert job_id is not None
+    return job_id
+
+
+# (step to kill at, node + fault that holds the step, expected job state, node web1 ends on)
+SCENARIOS = [
+    ("check-source", "n1", {"get_instance_info": {"hang": True, "times": 1}}, "failed", "n1"),
+    ("migration_info", "n1", {"migration_info": {"hang": True, "times": 1}}, "failed", "n1"),
+    ("accept_instance", "n2", {"accept_instance": {"hang": True, "times": 1}}, "failed", "n1"),
+    ("migrate_instance", "n1", {"migrate_instance": {"hang": True, "times": 1}}, "failed", "n1"),
+    ("monitor", None, None, "failed", "n1"),
+    ("finalize_migration_dst", "n2", {"finalize_migration_dst": {"hang": True, "times": 1}}, "succeeded", "n2"),
+    ("finalize_migration_source", "n1", {"finalize_migration_source": {"hang": True, "times": 1}}, "succeeded", "n2"),
+]
+
+
+@pytest.mark.parametrize(("step", "node", "faults", "expected", "ends_on"), SCENARIOS, ids=[s[0] for s in SCENARIOS])
+async def test_engine_killed_at_migration_step(tmp_path: Path, step: str, node: str | None, faults: Any, expected: str, ends_on: str) -> None:
+    cluster = write_cluster(tmp_path)
+    store = tmp_path / "herd.db"
+    async with FakeHypervisor(tmp_path / "n1", node="n1") as n1:
+        await n1.start_instance(spec("web1", mem=128))
+    for n in ("n1", "n2"):
+        FakeHypervisor.configure(tmp_path / n, bandwidth=32 * MIB)  # 4 s of copying: the kill lands mid-copy
+    if node is not None:
+        FakeHypervisor.configure(tmp_path / node, faults=faults)
+    job_id = await run_until_step(store, cluster, {"kind": "migrate", "instance": "web1", "target": "n2"}, step, tmp_path / "engine.log")
+    for n in ("n1", "n2"):
+        FakeHypervisor.configure(tmp_path / n, faults={}, bandwidth=1024 * MIB)
+
+    async with Engine.open(store=store, cluster=cluster, node_ping_interval=None) as engine:
+        with anyio.fail_after(30):
+            job = await engine.wait(job_id)
+        assert job.state.value == expected, (job.state, job.error, job.result)
+        assert job.result["recovered"] is True
+        found = {}
+        for n in ("n1", "n2"):
+            info = await engine.transport.node(n).get_instance_info("web1")
+            if info is not None:
+                found[n] = hv.HvInstanceState(info.state).value
+        # the invariant: running once, where the inventory says
+        assert found == {ends_on: "running"}, found
+        record = await engine.instance("web1")
+        assert record.primary == ends_on and record.admin_state is AdminState.UP
+        assert record.pending_cleanup == ()
+        assert [e for e in await engine.store.events(job_id) if e.kind == "reconcile"] or step == "check-source"
