@@ -248,3 +248,36 @@ def test_lock_manager_all_or_nothing_and_order() -> None:
     locks.release_all(2)
     assert locks.try_acquire(3, [node_lock("n1", exclusive=True)])
     assert locks.snapshot() == {"node/n1(x)": [3]}
+
+
+async def test_group_commit_isolates_a_failing_write(store_path: Path) -> None:
+    store = SqliteStore(store_path)
+    await store.open()
+    try:
+        first, _ = await store.create_job(Noop(), priority=0, depends_on=(), parent_id=None, now=1.0)
+        results: dict[str, object] = {}
+        async with anyio.create_task_group() as tg:
+
+            async def create(i: int) -> None:
+                job, _ = await store.create_job(Noop(steps=i), priority=0, depends_on=(), parent_id=None, now=2.0)
+                results[f"job{i}"] = job.id
+
+            async def bad() -> None:
+                try:
+                    await store.transition(first.id, [JobState.SUCCEEDED], now=3.0)
+                except StoreError as err:
+                    results["bad"] = err
+
+            for i in range(10):
+                tg.start_soon(create, i)
+            tg.start_soon(bad)
+            for i in range(10, 20):
+                tg.start_soon(create, i)
+        assert isinstance(results["bad"], StoreError)
+        ids = sorted(v for k, v in results.items() if k.startswith("job"))
+        assert len(ids) == 20
+        jobs = await store.list_jobs()
+        assert sorted(j.id for j in jobs) == sorted([first.id, *ids])
+        assert (await store.get_job(first.id)).state is JobState.QUEUED
+    finally:
+        await store.aclose()

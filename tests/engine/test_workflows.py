@@ -226,3 +226,21 @@ async def test_idempotent_reads_retry_state_changes_do_not(local_cluster: FakeCl
             while not all(n.online for n in engine.nodes()):
                 await anyio.sleep(0.05)
         assert [e.kind for e in await engine.store.events(None) if e.kind.startswith("node-")] == ["node-offline", "node-online"]
+
+
+@pytest.mark.parametrize("reboot_type", ["soft", "hard"])
+async def test_cancel_reboot_mid_step_leaves_instance_running(fake_cluster: FakeCluster, store_path: Path, reboot_type: str) -> None:
+    method, step = ("reboot_instance", "reboot") if reboot_type == "soft" else ("start_instance", "start")
+    async with fake_cluster.engine(store_path) as engine:
+        assert (await engine.wait(await engine.submit(StartInstance(instance="web1")))).state is JobState.SUCCEEDED
+        fake_cluster.configure("n1", faults={method: {"hang": True, "times": 1}})
+        job_id = await engine.submit(RebootInstance(instance="web1", reboot_type=reboot_type))
+        await _wait_step(engine, job_id, step)
+        await _node_event(fake_cluster, "n1", "start", method, count=2 if method == "start_instance" else 1)
+        assert await engine.cancel(job_id, reason="not now") is JobState.CANCELLED
+        await _node_event(fake_cluster, "n1", "cancelled", method)
+        # compensation: the instance ran before the job, so it runs after it
+        assert "web1" in fake_cluster.running("n1")
+        assert (await engine.instance("web1")).admin_state is AdminState.UP
+        steps = [s.name for s in (await engine.get(job_id)).steps]
+        assert steps[-2:] == (["compensate-check", "compensate-admin-up"] if reboot_type == "soft" else ["compensate-start", "compensate-admin-up"])
