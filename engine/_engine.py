@@ -308,6 +308,8 @@ class Engine:
                         return
         finally:
             subs.discard(send)
+            if not subs:
+                self._subscribers.pop(job_id, None)
             send.close()
             recv.close()
 

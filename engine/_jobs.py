@@ -80,6 +80,9 @@ class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True):
 
     @classmethod
     def from_exception(cls, exc: BaseException, *, step: str | None = None, node: str | None = None) -> ErrorInfo:
+        # A group of one (a workflow's own task group) is recorded as its member.
+        while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+            exc = exc.exceptions[0]
         names = tuple(k.__name__ for k in type(exc).__mro__ if k not in (object, BaseException, Exception))
         return cls(
             type=type(exc).__name__,

@@ -33,7 +33,7 @@ from .._policy import DEFAULT_POLICY, Action, Convergence, Decision, MigrationPo
 from .._workflow import Context, Outcome, Workflow, register_workflow
 from ..errors import RecoveryPending, StepFailed
 from ._util import as_type, instance_info
-from .reconcile import Copy, Settlement, settle
+from .reconcile import Copy, Settlement, ensure_janitor, settle
 
 #: Seconds the abort (cancel, finalize both sides, prove) may take.
 ROLLBACK_TIMEOUT = 120.0
@@ -78,6 +78,7 @@ class MigrateWorkflow(Workflow[Migrate]):
 
     async def run(self, ctx: Context) -> Any:
         op = self.op
+        ensure_janitor(ctx.engine)
         record = await ctx.instance(op.instance)
         spec, src, dst = record.spec, record.primary, op.target
         policy = check_policy(op.kind, op.policy, cluster_policy(ctx))
@@ -303,7 +304,7 @@ class MigrateWorkflow(Workflow[Migrate]):
                 await ctx.commit("pending-cleanup", [AddPendingCleanup(instance=spec.name, node=src, reason=pending)], node=src, reason=pending)
         info = instance_info(await ctx.call(dst, "get_instance_info", spec.name, idempotent=True, step="prove-target"))
         if info is None or hv.HvInstanceState(info.state) is not hv.HvInstanceState.RUNNING:
-            await ctx.event("alarm", kind="not-running-after-migration", instance=spec.name, node=dst, found=None if info is None else info.state)
+            await ctx.event("alarm", alarm="not-running-after-migration", instance=spec.name, node=dst, found=None if info is None else info.state)
         result: dict[str, Any] = {
             "instance": spec.name,
             "source": src,
@@ -372,6 +373,7 @@ class MigrateWorkflow(Workflow[Migrate]):
     # --- after an engine crash --------------------------------------------------
 
     async def recover(self, ctx: Context) -> Outcome:
+        ensure_janitor(ctx.engine)
         plan = ctx.last_step("plan")
         record = await ctx.instance(self.op.instance)
         if plan is None or not isinstance(plan.result, dict) or ctx.last_step("migration_info") is None:

@@ -24,6 +24,7 @@ only:
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -342,7 +343,7 @@ async def settle(
     await ctx.event("reconcile", instance=spec.name, prefix=prefix, **settlement.as_result(), message=settlement.message)
     if settlement.outcome == "split-brain":
         ctx.log.error("split brain", instance=spec.name, message=settlement.message, evidence=settlement.evidence())
-        await ctx.event("alarm", kind="split-brain", instance=spec.name, message=settlement.message, evidence=settlement.evidence())
+        await ctx.event("alarm", alarm="split-brain", instance=spec.name, message=settlement.message, evidence=settlement.evidence())
     return settlement
 
 
@@ -360,6 +361,7 @@ class ReconcileWorkflow(Workflow[Reconcile]):
     COMPENSATION_TIMEOUT = 120.0
 
     async def run(self, ctx: Context) -> Any:
+        ensure_janitor(ctx.engine)
         record = await ctx.instance(self.op.instance)
         nodes = relevant_nodes(ctx, record, self.op.nodes) if not self.op.nodes else [record.primary, *(p.node for p in record.pending_cleanup), *self.op.nodes]
         settlement = await settle(ctx, record.spec, nodes, owner=record.primary, prefix="reconcile")
@@ -402,16 +404,44 @@ async def _submit_reconciles(engine: Engine, node: str | None) -> list[int]:
     return submitted
 
 
-async def pending_cleanup_janitor(engine: Engine) -> None:
+async def pending_cleanup_janitor(engine: Engine, rescan: float = 30.0) -> None:
     """Clean what migrations left on unreachable nodes when those nodes come back.
 
-    At start (for nodes already online) and on every ``node-online`` event,
-    a ``Reconcile`` job is submitted for each instance with a pending
-    cleanup there. Run it in the engine's task group.
+    On every ``node-online`` event (and every ``rescan`` s, and at start) a
+    ``Reconcile`` job is submitted for each instance with a pending cleanup
+    on a node that is online. Runs until the engine closes.
     """
-    events: AsyncIterator[Any] = engine.watch_cluster()
-    await _submit_reconciles(engine, None)
-    async for event in events:
-        if event.kind == "node-online":
-            with anyio.CancelScope(shield=True):
-                await _submit_reconciles(engine, event.data.get("node"))
+    send, recv = anyio.create_memory_object_stream[str](math.inf)
+
+    async def follow() -> None:
+        with send:
+            async for event in engine.watch_cluster():
+                if event.kind == "node-online":
+                    send.send_nowait(str(event.data.get("node")))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(follow)
+        with recv:
+            await _submit_reconciles(engine, None)
+            while True:
+                node: str | None = None
+                with anyio.move_on_after(rescan):
+                    try:
+                        node = await recv.receive()
+                    except anyio.EndOfStream:
+                        break  # the engine closed its event streams
+                with anyio.CancelScope(shield=True):
+                    await _submit_reconciles(engine, node)
+        tg.cancel_scope.cancel()
+
+
+def ensure_janitor(engine: Engine) -> None:
+    """Start :func:`pending_cleanup_janitor` in the engine's task group, once per engine.
+
+    Called by the migration-family workflows (which are what create pending
+    cleanups) until the engine starts it itself at open.
+    """
+    if getattr(engine, "_herd_janitor", False) or engine._tg is None or engine._closing:
+        return
+    engine._herd_janitor = True  # type: ignore[attr-defined]
+    engine._tg.start_soon(pending_cleanup_janitor, engine, name="pending-cleanup janitor")

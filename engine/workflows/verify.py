@@ -74,7 +74,7 @@ class VerifyWorkflow(Workflow[VerifyCluster]):
         for name in sorted(set(seen) - set(inventory)):
             problem("unknown-instance", name, f"{name} runs on {', '.join(sorted(seen[name]))} but is not in the inventory", nodes=sorted(seen[name]))
         for p in problems:
-            await ctx.event("verify-problem", **p)
+            await ctx.event("verify-problem", problem=p["kind"], **{k: v for k, v in p.items() if k != "kind"})
         return {"ok": not problems, "nodes": nodes, "instances": len(inventory), "problems": problems}
 
     async def recover(self, ctx: Context) -> Outcome:

@@ -281,3 +281,11 @@ async def test_group_commit_isolates_a_failing_write(store_path: Path) -> None:
         assert (await store.get_job(first.id)).state is JobState.QUEUED
     finally:
         await store.aclose()
+
+
+def test_error_info_unwraps_single_groups() -> None:
+    from engine import ErrorInfo, NodeOffline
+
+    info = ErrorInfo.from_exception(ExceptionGroup("g", [NodeOffline("n1 is down", node="n1")]), step="stop")
+    assert info.type == "NodeOffline" and info.node == "n1" and info.step == "stop"
+    assert info.is_a("NodeUnreachable") and info.is_a("EngineError")
