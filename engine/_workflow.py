@@ -214,31 +214,9 @@ class Context:
         record = await self.engine._step_start(self, name=name, node=node, method=method, args=summarize_args(args, kwargs), deadline=deadline)
         log = self.log.bind(step=name, node=node)
         log.info("step started", method=method, deadline=deadline)
-        attempts = 0
+        counter = [0]
         try:
-            with anyio.move_on_after(deadline) as scope:
-                while True:
-                    attempts += 1
-                    try:
-                        result = await self.engine._node_call(
-                            node, method, args, kwargs, on_progress=self._node_progress(name, node), fail_fast=self.mode == "run"
-                        )
-                        break
-                    except (NodeUnreachable, CallTimeout) as err:
-                        if not idempotent or isinstance(err, NodeOffline) or not self.node_online(node):
-                            # Not blindly retried: state-changing calls, and any
-                            # call to a node already known to be offline.
-                            raise
-                        delay = min(0.05 * 2 ** min(attempts, 8), 2.0) * (0.5 + self.rng.random())
-                        log.warning("transient error; retrying", error=str(err), attempt=attempts, retry_in=round(delay, 3))
-                        await anyio.sleep(delay)
-            if scope.cancelled_caught:
-                raise StepTimeout(
-                    f"step {name!r} ({method}) on node {node} did not finish within its deadline of {deadline:g}s",
-                    step=name,
-                    node=node,
-                    deadline=deadline,
-                )
+            result = await self._invoke(node, method, args, kwargs, name=name, deadline=deadline, idempotent=idempotent, counter=counter, log=log)
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 await self._flush_progress()
@@ -249,7 +227,7 @@ class Context:
                     state, info = StepState.TIMED_OUT, ErrorInfo.from_exception(exc, step=name, node=node)
                 else:
                     state, info = StepState.FAILED, ErrorInfo.from_exception(exc, step=name, node=node)
-                await self.engine._step_end(self, record, state=state, error=info, attempts=attempts)
+                await self.engine._step_end(self, record, state=state, error=info, attempts=counter[0])
                 if isinstance(exc, NodeUnreachable):
                     await self.engine._mark_unreachable(node, exc)
             if not cancelled and isinstance(exc, Exception) and getattr(exc, "step", None) is None:
@@ -259,9 +237,50 @@ class Context:
             raise
         with anyio.CancelScope(shield=True):
             await self._flush_progress()
-            await self.engine._step_end(self, record, state=StepState.SUCCEEDED, result=_builtins(result), attempts=attempts, inventory=inventory)
-        log.info("step ended", state="succeeded", attempts=attempts)
+            await self.engine._step_end(self, record, state=StepState.SUCCEEDED, result=_builtins(result), attempts=counter[0], inventory=inventory)
+        log.info("step ended", state="succeeded", attempts=counter[0])
         return result
+
+    async def _invoke(
+        self, node: str, method: str, args: Sequence[Any], kwargs: dict[str, Any], *,
+        name: str, deadline: float, idempotent: bool, counter: list[int], log: Any,
+    ) -> Any:
+        """The call itself: deadline, fail-fast, retries of idempotent reads."""
+        with anyio.move_on_after(deadline) as scope:
+            while True:
+                counter[0] += 1
+                try:
+                    return await self.engine._node_call(
+                        node, method, args, kwargs, on_progress=self._node_progress(name, node), fail_fast=self.mode == "run"
+                    )
+                except (NodeUnreachable, CallTimeout) as err:
+                    if not idempotent or isinstance(err, NodeOffline) or not self.node_online(node):
+                        # Not blindly retried: state-changing calls, and any
+                        # call to a node already known to be offline.
+                        raise
+                    delay = min(0.05 * 2 ** min(counter[0], 8), 2.0) * (0.5 + self.rng.random())
+                    log.warning("transient error; retrying", error=str(err), attempt=counter[0], retry_in=round(delay, 3))
+                    await anyio.sleep(delay)
+        assert scope.cancelled_caught
+        raise StepTimeout(
+            f"step {name!r} ({method}) on node {node} did not finish within its deadline of {deadline:g}s",
+            step=name,
+            node=node,
+            deadline=deadline,
+        )
+
+    async def read(self, node: str, method: str, /, *args: Any, deadline: float | None = None, step: str | None = None, **kwargs: Any) -> Any:
+        """An idempotent read that is *not* journaled as its own step.
+
+        For polling loops (``get_migration_status`` every second): wrap the
+        loop in ``async with ctx.step("wait-migration", node=...)`` so the
+        journal has one step, not one per poll. Deadline, fail-fast and
+        retries as :meth:`call` (``idempotent=True``).
+        """
+        name = step or method
+        if deadline is None:
+            deadline = self.op.deadline_for(name, method)
+        return await self._invoke(node, method, args, kwargs, name=name, deadline=deadline, idempotent=True, counter=[0], log=self.log.bind(step=name, node=node))
 
     @contextlib.asynccontextmanager
     async def step(self, name: str, *, node: str | None = None, args: str = "", inventory: Sequence[InventoryChange] = ()) -> Any:

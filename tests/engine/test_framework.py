@@ -120,6 +120,19 @@ class MigrateLikeWorkflow(Workflow[MigrateLike]):
         await anyio.sleep_forever()
 
 
+class PollOp(Operation, frozen=True, kw_only=True, tag="test-poll"):
+    polls: int = 3
+
+
+@register_workflow(PollOp)
+class PollWorkflow(Workflow[PollOp]):
+    async def run(self, ctx: Context) -> Any:
+        async with ctx.step("wait", node="n1") as step:
+            seen = [await ctx.read("n1", "get_node_info") for _ in range(self.op.polls)]
+            step.result = {"polls": len(seen)}
+        return {"free": seen[-1].memory_free}
+
+
 @pytest.fixture(autouse=True)
 def _gates() -> None:
     Gate.reset()
@@ -231,3 +244,13 @@ async def test_log_lines_carry_job_op_step_node(local_cluster: FakeCluster, stor
         assert steps and all(line["job_id"] == job.id and line["op"] == "start-instance" and line["node"] == "n1" and line["step"] for line in steps)
         assert any(line["event"] == "job finished" and line["job_id"] == job.id for line in logs)
         assert (await engine.instance("web1")).admin_state is AdminState.UP
+
+
+async def test_reads_in_a_polling_step_are_one_journal_entry(local_cluster: FakeCluster, store_path: Path) -> None:
+    async with local_cluster.engine(store_path) as engine:
+        job = await engine.wait(await engine.submit(PollOp(polls=3)))
+        assert job.state is JobState.SUCCEEDED, job.error
+        assert [(s.name, s.result) for s in job.steps] == [("wait", {"polls": 3})]
+        assert job.result["free"] > 0
+        ends = [e for e in local_cluster.events("n1") if e["event"] == "end" and e["method"] == "get_node_info"]
+        assert len(ends) == 3
