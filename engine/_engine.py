@@ -120,7 +120,9 @@ class Engine:
         self.max_running_jobs = max_running_jobs
         self.max_migrations_per_node = max_migrations_per_node
         self.node_ping_interval = node_ping_interval
-        self.node_ping_timeout = node_ping_timeout or (min(10.0, node_ping_interval) if node_ping_interval else 10.0)
+        # A ping that is slow (a loaded node) is not a dead node: the transport's
+        # keepalive reports dead connections fast; this bound is for hangs.
+        self.node_ping_timeout = node_ping_timeout or 5.0
         self.recovery_backoff = recovery_backoff
         self.log = get_logger()
         self._locks = LockManager()
