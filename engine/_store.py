@@ -309,7 +309,7 @@ class SqliteStore(Store):
             return
 
         def connect() -> sqlite3.Connection:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
             os.close(fd)
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)

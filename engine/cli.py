@@ -67,6 +67,13 @@ def _fail(message: str) -> None:
     raise typer.Exit(1)
 
 
+def _existing(store: Path) -> SqliteStore:
+    """The store for a read-only command (never created by reading it)."""
+    if not store.is_file():
+        _fail(f"no store at {store} (give --store)")
+    return SqliteStore(store)
+
+
 @app.command()
 def submit(
     kind: str = typer.Argument(..., help="operation kind: start-instance, stop-instance, reboot-instance, …"),
@@ -109,7 +116,7 @@ def list_jobs(
     """List jobs."""
 
     async def main() -> list[Job]:
-        s = SqliteStore(store)
+        s = _existing(store)
         await s.open()
         try:
             return await s.list_jobs(states=[JobState(x) for x in state] if state else None)
@@ -129,7 +136,7 @@ def show(job_id: int, store: Path = StoreOpt, as_json: bool = JsonOpt) -> None:
     """A job with its steps."""
 
     async def main() -> Job:
-        s = SqliteStore(store)
+        s = _existing(store)
         await s.open()
         try:
             return await s.get_job(job_id)
@@ -154,7 +161,7 @@ def watch(job_id: int, store: Path = StoreOpt, as_json: bool = JsonOpt, poll: fl
     """Print a job's events until it is final (reads the store)."""
 
     async def main() -> None:
-        s = SqliteStore(store)
+        s = _existing(store)
         await s.open()
         try:
             last = 0
