@@ -134,6 +134,8 @@ class Engine:
         self._health: dict[str, _Health] = {n: _Health(n) for n in self.node_names}
         self._tg: TaskGroup | None = None
         self._closing = False
+        self._inventory_cache: dict[str, InstanceRecord] | None = None
+        self._inventory_generation = 0
 
     # --- opening ------------------------------------------------------------
 
@@ -198,11 +200,31 @@ class Engine:
                 names.append(n)
         return names
 
+    async def _inventory(self) -> dict[str, InstanceRecord]:
+        """The inventory, cached between changes.
+
+        Every inventory write goes through this engine (one engine per store
+        for now; several engines will need the store to notify changes), and
+        each bumps the generation, so a read that raced a write is not cached.
+        """
+        if self._inventory_cache is not None:
+            return self._inventory_cache
+        generation = self._inventory_generation
+        inventory = await self.store.instances()
+        if generation == self._inventory_generation:
+            self._inventory_cache = inventory
+        return inventory
+
+    def _inventory_changed(self) -> None:
+        self._inventory_generation += 1
+        self._inventory_cache = None
+
     async def _seed_inventory(self) -> None:
         existing = await self.store.instances()
         for name, record in self.cluster.instances.items():
             if name not in existing:
                 await self.store.add_instance(record, now=self.clock())
+        self._inventory_changed()
 
     async def _start(self) -> None:
         assert self._tg is not None
@@ -257,7 +279,7 @@ class Engine:
         if any(not isinstance(d, int) or isinstance(d, bool) for d in deps):
             raise InvalidOperation(f"depends_on must be job ids (ints), not {deps!r}")
         workflow_for(op.kind)
-        inventory = await self.store.instances()
+        inventory = await self._inventory()
         op.validate(inventory, self.node_names)
         try:
             job, event = await self._shielded(
@@ -378,13 +400,13 @@ class Engine:
 
     async def instance(self, name: str) -> InstanceRecord:
         """The inventory record of ``name``."""
-        record = (await self.store.instances()).get(name)
+        record = (await self._inventory()).get(name)
         if record is None:
             raise InstanceNotKnown(f"no instance {name!r} in the inventory")
         return record
 
     async def instances(self) -> dict[str, InstanceRecord]:
-        return await self.store.instances()
+        return dict(await self._inventory())
 
     async def add_instance(self, spec: hv.Instance, primary: str, *, admin_state: str = "down") -> InstanceRecord:
         """Add an instance to the inventory (set-up; validated like an operation)."""
@@ -401,6 +423,8 @@ class Engine:
             await self.store.add_instance(record, now=self.clock())
         except StoreError as err:
             raise InvalidOperation(f"add_instance: {err}") from err
+        finally:
+            self._inventory_changed()
         return record
 
     async def remove_instance(self, name: str) -> None:
@@ -408,7 +432,10 @@ class Engine:
         for handle in self._handles.values():
             if any(r.level == "instance" and r.name == name for r in handle.locks):
                 raise InvalidOperation(f"remove_instance: job {handle.id} is using instance {name!r}")
-        await self.store.remove_instance(name, now=self.clock())
+        try:
+            await self.store.remove_instance(name, now=self.clock())
+        finally:
+            self._inventory_changed()
 
     def nodes(self) -> list[NodeStatus]:
         """Each node's health as last seen by the pinger."""
@@ -457,7 +484,7 @@ class Engine:
                 failure = await self._wait_dependencies(h)
             if failure is None:
                 while True:
-                    inventory = await self.store.instances()
+                    inventory = await self._inventory()
                     try:
                         h.op.validate(inventory, self.node_names)
                         h.locks = normalise(h.op.lock_requests(inventory))
@@ -475,7 +502,7 @@ class Engine:
                         await h.granted.wait()
                         # Inventory may have moved while we waited (a migration):
                         # the locks must match where the instance is *now*.
-                        fresh = await self.store.instances()
+                        fresh = await self._inventory()
                         try:
                             wanted = normalise(h.op.lock_requests(fresh))
                         except (KeyError, EngineError):
@@ -711,9 +738,13 @@ class Engine:
         attempts: int = 1, inventory: Sequence[InventoryChange] = (),
     ) -> None:
         now = self.clock()
-        event = await self._shielded(
-            self.store.step_end(ctx.job_id, step.idx, state=state, now=now, result=result, error=error, attempts=attempts, inventory=inventory)
-        )
+        try:
+            event = await self._shielded(
+                self.store.step_end(ctx.job_id, step.idx, state=state, now=now, result=result, error=error, attempts=attempts, inventory=inventory)
+            )
+        finally:
+            if inventory:
+                self._inventory_changed()
         step.state, step.ended_at, step.result, step.error, step.attempts = state, now, result, error, attempts
         self._publish(event)
 

@@ -327,6 +327,13 @@ class MigrateWorkflow(Workflow[Migrate]):
 
     async def _rollback(self, ctx: Context, spec: hv.Instance, src: str, dst: str, exc: BaseException | None) -> Settlement:
         """Cancel on the source, finalize both sides with success=False, prove where it runs."""
+        mode, ctx.mode = ctx.mode, "compensate"  # try the nodes for real, even ones marked offline
+        try:
+            return await self._rollback_steps(ctx, spec, src, dst, exc)
+        finally:
+            ctx.mode = mode
+
+    async def _rollback_steps(self, ctx: Context, spec: hv.Instance, src: str, dst: str, exc: BaseException | None) -> Settlement:
         cancelled = exc is not None and isinstance(exc, anyio.get_cancelled_exc_class())
         reason = ctx.cancel_reason if cancelled else f"{type(exc).__name__}: {exc}" if exc is not None else "recovery"
         await ctx.event("abort", reason=reason)

@@ -66,7 +66,11 @@ class Copy(str, enum.Enum):
 
 
 class ReconcileFailed(StepFailed):
-    """The nodes' state cannot be settled safely (split brain, unprovable)."""
+    """The nodes' state cannot be settled safely: ``outcome`` is "split-brain" or "pending"."""
+
+    def __init__(self, message: str, *, outcome: str, step: str | None = None, node: str | None = None) -> None:
+        super().__init__(message, step=step, node=node)
+        self.outcome = outcome
 
 
 @dataclass
@@ -163,7 +167,8 @@ async def observe(ctx: Context, spec: hv.Instance, node: str, prefix: str) -> No
 class _Settler:
     """One settlement: observations, actions (each a journaled step), the decision."""
 
-    def __init__(self, ctx: Context, spec: hv.Instance, owner: str, prefix: str) -> None:
+    def __init__(self, ctx: Context, spec: hv.Instance, owner: str, prefix: str, optional: Iterable[str] = ()) -> None:
+        self.optional = set(optional)
         self.ctx = ctx
         self.spec = spec
         self.owner = owner
@@ -173,6 +178,11 @@ class _Settler:
 
     async def look(self, node: str) -> NodeView:
         view = await observe(self.ctx, self.spec, node, self.prefix)
+        if view.copy is Copy.UNKNOWN and node in self.optional:
+            # A node asked only in case: it cannot answer, so it is left out (noted).
+            self.views.pop(node, None)
+            self.actions.append(f"{node} not asked: {view.error}")
+            return view
         self.views[node] = view
         return view
 
@@ -200,6 +210,9 @@ class _Settler:
 
     async def run(self, nodes: Iterable[str], *, abort_active: bool) -> Settlement:
         for node in dict.fromkeys(nodes):
+            if node in self.optional and not self.ctx.node_online(node):
+                self.actions.append(f"{node} not asked: offline")
+                continue
             await self.look(node)
         if abort_active:
             for view in list(self.views.values()):
@@ -293,6 +306,18 @@ class _Settler:
     def _settled(self, outcome: str, winner: str | None, message: str) -> Settlement:
         return Settlement(outcome, winner, dict(self.views), list(self.actions), message)
 
+    async def pending(self, settlement: Settlement) -> None:
+        """Unprovable: record a pending cleanup on each node that could not be asked."""
+        record = await self.ctx.instance(self.spec.name)
+        pending_nodes = {p.node for p in record.pending_cleanup}
+        changes: list[InventoryChange] = [
+            AddPendingCleanup(instance=self.spec.name, node=v.node, reason=f"could not be asked while reconciling: {v.error}")
+            for v in settlement.views.values()
+            if v.copy is Copy.UNKNOWN and v.node not in pending_nodes
+        ]
+        if changes:
+            await self.ctx.commit(f"{self.prefix}-pending", changes, message=settlement.message)
+
     async def _finish(self, winner: str) -> Settlement:
         record = await self.ctx.instance(self.spec.name)
         changes: list[InventoryChange] = []
@@ -332,26 +357,24 @@ class _Settler:
 
 
 async def settle(
-    ctx: Context, spec: hv.Instance, nodes: Iterable[str], *, owner: str, prefix: str = "reconcile", abort_active: bool = True
+    ctx: Context, spec: hv.Instance, nodes: Iterable[str], *, owner: str, prefix: str = "reconcile",
+    abort_active: bool = True, optional: Iterable[str] = (),
 ) -> Settlement:
     """Observe ``nodes``, act on the evidence, record the result (see the module doc).
 
+    ``optional``: nodes asked only in case (skipped when they cannot answer).
     Emits a ``reconcile`` event with every node's evidence, and an ``alarm``
     event for a split brain.
     """
-    settlement = await _Settler(ctx, spec, owner, prefix).run(nodes, abort_active=abort_active)
+    settler = _Settler(ctx, spec, owner, prefix, optional)
+    settlement = await settler.run(nodes, abort_active=abort_active)
+    if settlement.outcome == "pending":
+        await settler.pending(settlement)
     await ctx.event("reconcile", instance=spec.name, prefix=prefix, **settlement.as_result(), message=settlement.message)
     if settlement.outcome == "split-brain":
         ctx.log.error("split brain", instance=spec.name, message=settlement.message, evidence=settlement.evidence())
         await ctx.event("alarm", alarm="split-brain", instance=spec.name, message=settlement.message, evidence=settlement.evidence())
     return settlement
-
-
-def relevant_nodes(ctx: Context, record: Any, extra: Iterable[str] = ()) -> list[str]:
-    """The primary, pending-cleanup nodes, ``extra``, then every other node of the cluster."""
-    nodes = [record.primary, *(p.node for p in record.pending_cleanup), *extra]
-    nodes.extend(ctx.engine.node_names)
-    return list(dict.fromkeys(nodes))
 
 
 @register_workflow(Reconcile)
@@ -363,10 +386,11 @@ class ReconcileWorkflow(Workflow[Reconcile]):
     async def run(self, ctx: Context) -> Any:
         ensure_janitor(ctx.engine)
         record = await ctx.instance(self.op.instance)
-        nodes = relevant_nodes(ctx, record, self.op.nodes) if not self.op.nodes else [record.primary, *(p.node for p in record.pending_cleanup), *self.op.nodes]
-        settlement = await settle(ctx, record.spec, nodes, owner=record.primary, prefix="reconcile")
+        required = [record.primary, *(p.node for p in record.pending_cleanup), *self.op.nodes]
+        others = [] if self.op.nodes else [n for n in ctx.engine.node_names if n not in required]
+        settlement = await settle(ctx, record.spec, [*required, *others], owner=record.primary, prefix="reconcile", optional=others)
         if settlement.outcome in ("pending", "split-brain"):
-            raise ReconcileFailed(f"reconcile {self.op.instance}: {settlement.message}", step="reconcile-settled")
+            raise ReconcileFailed(f"reconcile {self.op.instance}: {settlement.message}", outcome=settlement.outcome, step="reconcile-settled")
         return settlement.as_result()
 
     async def recover(self, ctx: Context) -> Outcome:
@@ -376,7 +400,7 @@ class ReconcileWorkflow(Workflow[Reconcile]):
         try:
             return Outcome.succeeded(await self.run(ctx))
         except ReconcileFailed as exc:
-            if "cannot be asked" in str(exc):
+            if exc.outcome == "pending":
                 raise RecoveryPending(str(exc)) from exc
             return Outcome.failed(exc)
 
