@@ -140,10 +140,15 @@ def classify(info: hv.InstanceInfo | None, migration: hv.MigrationStatus | None)
 
 
 async def observe(ctx: Context, spec: hv.Instance, node: str, prefix: str) -> NodeView:
-    """Ask ``node`` about ``spec`` (journaled reads); UNKNOWN when it cannot answer."""
+    """Ask ``node`` about ``spec`` (journaled reads); UNKNOWN when it cannot answer.
+
+    One attempt each: a node that does not answer is marked offline by the
+    engine (and probed until it is back); the caller then settles as
+    pending rather than waiting here.
+    """
     try:
         raw = await ctx.call(
-            node, "get_instance_info", spec.name, idempotent=True, deadline=OBSERVE_DEADLINE, step=f"{prefix}-observe"
+            node, "get_instance_info", spec.name, deadline=OBSERVE_DEADLINE, step=f"{prefix}-observe"
         )
         info = instance_info(raw)
     except _UNREACHABLE as err:
@@ -154,7 +159,7 @@ async def observe(ctx: Context, spec: hv.Instance, node: str, prefix: str) -> No
     if info is not None and hv.HvInstanceState(info.state) is not hv.HvInstanceState.INCOMING:
         try:
             raw = await ctx.call(
-                node, "get_migration_status", spec, idempotent=True, deadline=OBSERVE_DEADLINE, step=f"{prefix}-migration-status"
+                node, "get_migration_status", spec, deadline=OBSERVE_DEADLINE, step=f"{prefix}-migration-status"
             )
             migration = as_type(raw, hv.MigrationStatus, what="get_migration_status")
         except _UNREACHABLE as err:
@@ -325,7 +330,7 @@ class _Settler:
             changes.append(SetPrimary(instance=self.spec.name, node=winner))
         if record.admin_state is not AdminState.UP:
             changes.append(SetAdminState(instance=self.spec.name, state=AdminState.UP))
-        changes.extend(self._cleanup_changes(record.pending_cleanup))
+        changes.extend(self._cleanup_changes(record.pending_cleanup, winner))
         settlement = self._settled("running", winner, f"{self.spec.name} runs on {winner}")
         await self.ctx.commit(f"{self.prefix}-settled", changes, **settlement.as_result())
         return settlement
@@ -342,8 +347,8 @@ class _Settler:
         await self.ctx.commit(f"{self.prefix}-settled", changes, **settlement.as_result())
         return settlement
 
-    def _cleanup_changes(self, pending: Iterable[Any]) -> list[InventoryChange]:
-        """Pending cleanups: clear those proven clean, add those that cannot be asked."""
+    def _cleanup_changes(self, pending: Iterable[Any], winner: str | None = None) -> list[InventoryChange]:
+        """Pending cleanups: clear those proven clean (or the winner), add those that cannot be asked."""
         changes: list[InventoryChange] = []
         pending_nodes = {p.node for p in pending}
         for view in self.views.values():
@@ -351,7 +356,7 @@ class _Settler:
                 changes.append(
                     AddPendingCleanup(instance=self.spec.name, node=view.node, reason=f"unreachable while reconciling: {view.error}")
                 )
-            elif view.copy is Copy.ABSENT and view.node in pending_nodes:
+            elif (view.copy is Copy.ABSENT or view.node == winner) and view.node in pending_nodes:
                 changes.append(ClearPendingCleanup(instance=self.spec.name, node=view.node))
         return changes
 

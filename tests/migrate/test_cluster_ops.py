@@ -86,6 +86,23 @@ async def test_reconcile_moves_the_inventory_or_marks_it_down_with_evidence(make
         assert await env.events(job_id, "instance-down")
 
 
+async def test_reconcile_never_guesses_about_a_node_it_cannot_ask(make_env) -> None:
+    async with make_env(nodes=("n1", "n2", "n3"), instances={"web1": ("n1", spec())}) as env:
+        node_down(env, "n1")
+        node_down(env, "n3")  # not relevant to web1: left out, no pending cleanup there
+        job = await env.engine.wait(await env.engine.submit(Reconcile(instance="web1")))
+        assert job.state is JobState.FAILED and "cannot be asked" in job.error.message
+        record = await env.engine.instance("web1")
+        assert record.primary == "n1" and record.admin_state is AdminState.UP  # nothing decided blindly
+        assert [p.node for p in record.pending_cleanup] == ["n1"]
+        node_up(env, "n1")  # back: the janitor's Reconcile proves it runs there
+        with anyio.fail_after(20):
+            while (await env.engine.instance("web1")).pending_cleanup:
+                await anyio.sleep(0.05)
+        node_up(env, "n3")
+        await env.assert_runs_once("web1", "n1")
+
+
 async def test_reconcile_finishes_an_orphaned_completed_migration(make_env) -> None:
     async with make_env(instances={"web1": ("n1", spec())}) as env:
         n1, n2 = env.transport.node("n1"), env.transport.node("n2")
