@@ -280,7 +280,14 @@ class Context:
         name = step or method
         if deadline is None:
             deadline = self.op.deadline_for(name, method)
-        return await self._invoke(node, method, args, kwargs, name=name, deadline=deadline, idempotent=True, counter=[0], log=self.log.bind(step=name, node=node))
+        try:
+            return await self._invoke(
+                node, method, args, kwargs, name=name, deadline=deadline, idempotent=True, counter=[0], log=self.log.bind(step=name, node=node)
+            )
+        except NodeUnreachable as exc:
+            with anyio.CancelScope(shield=True):
+                await self.engine._mark_unreachable(node, exc)
+            raise
 
     @contextlib.asynccontextmanager
     async def step(self, name: str, *, node: str | None = None, args: str = "", inventory: Sequence[InventoryChange] = ()) -> Any:
