@@ -289,3 +289,20 @@ def test_error_info_unwraps_single_groups() -> None:
     info = ErrorInfo.from_exception(ExceptionGroup("g", [NodeOffline("n1 is down", node="n1")]), step="stop")
     assert info.type == "NodeOffline" and info.node == "n1" and info.step == "stop"
     assert info.is_a("NodeUnreachable") and info.is_a("EngineError")
+
+
+async def test_unknown_job_ids(store_path: Path, empty_transport) -> None:
+    from engine import JobNotFound
+
+    async with open_engine(store_path, empty_transport) as engine:
+        with pytest.raises(JobNotFound):
+            await engine.get(42)
+        with pytest.raises(JobNotFound):
+            await engine.wait(42)
+        with pytest.raises(JobNotFound):
+            await engine.cancel(42, reason="x")
+        with pytest.raises(JobNotFound):
+            async for _ in engine.watch(42):
+                pass
+        with pytest.raises(InvalidOperation, match="reason"):
+            await engine.cancel(1, reason=" ")
