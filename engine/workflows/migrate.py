@@ -91,18 +91,21 @@ class MigrateWorkflow(Workflow[Migrate]):
             address = str(await ctx.call(dst, "accept_instance", spec, self.info, node_address(ctx, dst)))
             await ctx.call(src, "migrate_instance", ctx.engine.cluster.name, spec, address, op.live)
             status, conv = await self._monitor(ctx, spec, src, dst, policy)
+            # Inside the try: a cancel that lands here is handled like any other (the
+            # rollback finds the copy complete and goes forward).
+            await ctx.point_of_no_return("migration completed: the target holds the whole instance")
         except BaseException as exc:
             with ctx.shielded(ROLLBACK_TIMEOUT):
                 settlement = await self._rollback(ctx, spec, src, dst, exc)
                 if settlement.winner == dst:
                     # It completed after all: the only safe direction is forward.
-                    await ctx.point_of_no_return(f"the migration completed while it was being aborted ({type(exc).__name__})")
+                    if ctx.point_of_no_return_reached is None:
+                        await ctx.point_of_no_return(f"the migration completed while it was being aborted ({type(exc).__name__})")
                     return await self._finish_source(ctx, spec, src, dst, started, None, None, settled=True)
             explained = self._explain(exc, spec, src, dst, settlement)
             if explained is exc:
                 raise
             raise explained from exc
-        await ctx.point_of_no_return("migration completed: the target holds the whole instance")
         return await self._complete(ctx, spec, src, dst, started, status, conv)
 
     def _explain(self, exc: BaseException, spec: hv.Instance, src: str, dst: str, settlement: Settlement) -> BaseException:

@@ -37,12 +37,15 @@ BEFORE_PONR = [
 ]
 
 
-@pytest.mark.parametrize(("method", "node"), BEFORE_PONR)
-async def test_cancel_at_step_leaves_it_on_the_source(make_env, method: str, node: str) -> None:
+@pytest.mark.parametrize(
+    ("method", "node", "step"),
+    [("get_instance_info", "n1", "check-source"), ("validate_parameters", "n2", "check-hvparams"), *((m, n, m) for m, n in BEFORE_PONR)],
+)
+async def test_cancel_at_step_leaves_it_on_the_source(make_env, method: str, node: str, step: str) -> None:
     async with make_env(instances={"web1": ("n1", spec())}, settings=SLOW) as env:
-        env.fault(node, method, delay=30.0)
+        env.fault(node, method, delay=30.0, times=1)
         job_id = await env.engine.submit(Migrate(instance="web1", target="n2"))
-        await until(env.engine, job_id, step_started(method))
+        await until(env.engine, job_id, step_started(step))
         state = await env.engine.cancel(job_id, "operator changed their mind")
         assert state is JobState.CANCELLED
         job = await env.engine.get(job_id)
