@@ -93,3 +93,57 @@ async def test_no_balloon_without_runtime_changes_and_never_below_minmem(make_en
         assert job.state is JobState.FAILED and "less than web1's minmem of 256 MiB" in job.error.message
         await env.assert_runs_once("web1", "n1")
         assert (await env.transport.node("n1").get_instance_info("web1")).memory == 512
+
+
+async def test_progress_cadence_and_completion_notice_latency(make_env) -> None:
+    from hv.fake import FakeHypervisor
+
+    async with make_env(instances={"web1": ("n1", spec(mem=128))}, settings={"bandwidth": 64 * MIB}) as env:
+        job_id = await env.engine.submit(Migrate(instance="web1", target="n2"))
+        job = await env.engine.wait(job_id)
+        assert job.state is JobState.SUCCEEDED, job.error
+        progress = [e for e in await env.events(job_id, "progress") if e.data.get("step") == "monitor"]
+        gaps = [b.ts - a.ts for a, b in zip(progress, progress[1:])]
+        assert len(progress) >= 3 and max(gaps) <= 1.2, gaps  # at least every second
+        # the driver knew it was complete (its journal) -> the job saw it: a long poll, not a sleep
+        (end,) = [e for e in FakeHypervisor.read_events(env.dirs["n1"]) if e["event"] == "stream-end" and e.get("role") == "source"]
+        seen = next(e for e in progress if e.data["status"] == "completed")
+        assert 0 <= seen.ts - end["t"] < 0.1, seen.ts - end["t"]
+
+
+async def test_cluster_default_policy_and_per_job_override(make_env) -> None:
+    from engine import MigrationPolicy
+
+    async with make_env(instances={"web1": ("n1", spec(mem=64))}, settings={"bandwidth": 64 * MIB, "dirty_rate": 128 * MIB}) as env:
+        env.engine.migration_policy = MigrationPolicy(stall_window=0.3, downtime_step_ms=100, downtime_max_ms=400, status_wait=0.2)
+        job_id = await env.engine.submit(Migrate(instance="web1", target="n2", policy={"on_timeout": "force-complete"}))
+        job = await env.engine.wait(job_id)
+        assert job.state is JobState.SUCCEEDED, job.error
+        plan = next(s for s in job.steps if s.name == "plan")
+        assert plan.result["policy"]["downtime_max_ms"] == 400 and plan.result["policy"]["on_timeout"] == "force-complete"
+        assert [d["action"] for d in job.result["decisions"]] == ["raise-downtime"] + ["force-complete"]
+
+
+async def test_more_prechecks_name_what_and_where(make_env) -> None:
+    from transport.errors import NodeUnreachable
+
+    async with make_env(instances={"web1": ("n1", spec())}) as env:
+        env.fault("n2", "validate_parameters", error="no such bridge", times=1)
+        job = await env.engine.wait(await env.engine.submit(Migrate(instance="web1", target="n2")))
+        assert job.state is JobState.FAILED and "hvparams are not valid on target node n2" in job.error.message
+        # versions differ, overridden: the pre-check lets it through (a warning), the driver still refuses
+        env.configure("n2", hv_version="2.0")
+        job_id = await env.engine.submit(Migrate(instance="web1", target="n2", ignore_hv_versions=True))
+        job = await env.engine.wait(job_id)
+        assert [e.data["message"] for e in await env.events(job_id, "warning")][0].endswith("overridden by ignore_hv_versions")
+        assert job.state is JobState.FAILED and "at step accept_instance" in job.error.message and "runs on n1" in job.error.message
+        env.configure("n2", hv_version="1.0")
+        # the target cannot be reached
+        for method in ("get_instance_info", "get_node_info", "ping"):
+            env.transport.faults.inject("n2", method, error=NodeUnreachable("n2 is powered off", node="n2"))
+        job = await env.engine.wait(await env.engine.submit(Migrate(instance="web1", target="n2")))
+        assert job.state is JobState.FAILED and "node n2 cannot be reached" in job.error.message
+        job = await env.engine.wait(await env.engine.submit(Migrate(instance="web1", target="n2")))
+        assert job.state is JobState.FAILED and "target node n2 is offline" in job.error.message
+        env.transport.faults.clear("n2")
+        await env.assert_runs_once("web1", "n1")
