@@ -147,3 +147,17 @@ async def test_more_prechecks_name_what_and_where(make_env) -> None:
         assert job.state is JobState.FAILED and "target node n2 is offline" in job.error.message
         env.transport.faults.clear("n2")
         await env.assert_runs_once("web1", "n1")
+
+
+async def test_non_live_migration_pauses_then_resumes_on_the_target(make_env) -> None:
+    async with make_env(instances={"web1": ("n1", spec(mem=64))}, settings={"bandwidth": 128 * MIB, "dirty_rate": 512 * MIB}) as env:
+        job_id = await env.engine.submit(Migrate(instance="web1", target="n2", live=False))
+        statuses = set()
+        async for event in env.engine.watch(job_id):
+            if event.kind == "progress" and event.data.get("status") == "active":
+                statuses.add((await env.transport.node("n1").get_instance_info("web1")).state)
+        job = await env.engine.get(job_id)
+        assert job.state is JobState.SUCCEEDED, job.error
+        assert statuses <= {"paused"}  # the guest did not run (nor dirty) during the copy
+        assert job.result["live"] is False and job.result["iterations"] <= 2
+        await env.assert_runs_once("web1", "n2")
