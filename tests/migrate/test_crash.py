@@ -69,28 +69,31 @@ async def run_until_step(store: Path, cluster: Path, op: dict[str, Any], step: s
     return job_id
 
 
-# (step to kill at, node + fault that holds the step, expected job state, node web1 ends on)
+# (step to kill at, faults per node that hold the step, expected job state, node web1 ends on)
+HANG = {"hang": True, "times": 1}
 SCENARIOS = [
-    ("check-source", "n1", {"get_instance_info": {"hang": True, "times": 1}}, "failed", "n1"),
-    ("migration_info", "n1", {"migration_info": {"hang": True, "times": 1}}, "failed", "n1"),
-    ("accept_instance", "n2", {"accept_instance": {"hang": True, "times": 1}}, "failed", "n1"),
-    ("migrate_instance", "n1", {"migrate_instance": {"hang": True, "times": 1}}, "failed", "n1"),
-    ("monitor", None, None, "failed", "n1"),
-    ("finalize_migration_dst", "n2", {"finalize_migration_dst": {"hang": True, "times": 1}}, "succeeded", "n2"),
-    ("finalize_migration_source", "n1", {"finalize_migration_source": {"hang": True, "times": 1}}, "succeeded", "n2"),
+    ("check-source", {"n1": {"get_instance_info": HANG}}, "failed", "n1"),
+    ("migration_info", {"n1": {"migration_info": HANG}}, "failed", "n1"),
+    ("accept_instance", {"n2": {"accept_instance": HANG}}, "failed", "n1"),
+    ("migrate_instance", {"n1": {"migrate_instance": HANG}}, "failed", "n1"),
+    ("monitor", {}, "failed", "n1"),
+    ("finalize_migration_dst", {"n2": {"finalize_migration_dst": HANG}}, "succeeded", "n2"),
+    ("finalize_migration_source", {"n1": {"finalize_migration_source": HANG}}, "succeeded", "n2"),
+    # killed while rolling back a failed step: the next engine finishes the rollback
+    ("rollback-finalize-dst", {"n1": {"migrate_instance": {"error": "boom", "times": 1}}, "n2": {"finalize_migration_dst": HANG}}, "failed", "n1"),
 ]
 
 
-@pytest.mark.parametrize(("step", "node", "faults", "expected", "ends_on"), SCENARIOS, ids=[s[0] for s in SCENARIOS])
-async def test_engine_killed_at_migration_step(tmp_path: Path, step: str, node: str | None, faults: Any, expected: str, ends_on: str) -> None:
+@pytest.mark.parametrize(("step", "faults", "expected", "ends_on"), SCENARIOS, ids=[s[0] for s in SCENARIOS])
+async def test_engine_killed_at_migration_step(tmp_path: Path, step: str, faults: dict[str, Any], expected: str, ends_on: str) -> None:
     cluster = write_cluster(tmp_path)
     store = tmp_path / "herd.db"
     async with FakeHypervisor(tmp_path / "n1", node="n1") as n1:
         await n1.start_instance(spec("web1", mem=128))
     for n in ("n1", "n2"):
         FakeHypervisor.configure(tmp_path / n, bandwidth=32 * MIB)  # 4 s of copying: the kill lands mid-copy
-    if node is not None:
-        FakeHypervisor.configure(tmp_path / node, faults=faults)
+    for node, node_faults in faults.items():
+        FakeHypervisor.configure(tmp_path / node, faults=node_faults)
     job_id = await run_until_step(store, cluster, {"kind": "migrate", "instance": "web1", "target": "n2"}, step, tmp_path / "engine.log")
     for n in ("n1", "n2"):
         FakeHypervisor.configure(tmp_path / n, faults={}, bandwidth=1024 * MIB)
