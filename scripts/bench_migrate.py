@@ -23,7 +23,7 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+
 
 import anyio
 

@@ -85,6 +85,13 @@ class MigrateWorkflow(Workflow[Migrate]):
         started = anyio.current_time()
         async with ctx.step("plan", args=f"{spec.name}: {src} -> {dst}") as s:
             s.result = {"source": src, "target": dst, "live": op.live, "policy": msgspec.to_builtins(policy)}
+        hvp = hv.get_hypervisor_class(spec.hypervisor).fill_hvparams(spec.hvparams)
+        if policy.auto_converge and "migration_caps" in hvp and "auto-converge" not in str(hvp["migration_caps"]):
+            await ctx.event(
+                "warning",
+                message=f"policy auto_converge is on, but {spec.name}'s migration_caps {hvp['migration_caps']!r} lack auto-converge: "
+                "the hypervisor will not throttle the guest while the engine waits for the timeout",
+            )
         await self._prechecks(ctx, spec, src, dst)
         try:
             self.info = str(await ctx.call(src, "migration_info", spec))
