@@ -108,6 +108,7 @@ class MigrateWorkflow(Workflow[Migrate]):
                     # It completed after all: the only safe direction is forward.
                     if ctx.point_of_no_return_reached is None:
                         await ctx.point_of_no_return(f"the migration completed while it was being aborted ({type(exc).__name__})")
+                    await self._finalize_target_if_needed(ctx, spec, dst, settlement, self.info)
                     return await self._finish_source(ctx, spec, src, dst, started, None, None, settled=True)
             explained = self._explain(exc, spec, src, dst, settlement)
             if explained is exc:
@@ -300,8 +301,27 @@ class MigrateWorkflow(Workflow[Migrate]):
                     f"{settlement.message}",
                     step="finalize_migration_dst", node=dst,
                 ) from err
+            await self._finalize_target_if_needed(ctx, spec, dst, settlement, self.info)
             return await self._finish_source(ctx, spec, src, dst, started, status, conv, settled=True)
         return await self._finish_source(ctx, spec, src, dst, started, status, conv)
+
+    async def _finalize_target_if_needed(self, ctx: Context, spec: hv.Instance, dst: str, settlement: Settlement, info: str) -> None:
+        """A target found running by a reconcile (QEMU resumes it by itself) still gets its finalize.
+
+        The driver's ``finalize_migration_dst(True)`` is where it tidies the
+        received instance (QEMU: NICs, the incoming port); skipped when this
+        job or the reconcile already did it.
+        """
+        journaled = any(s.name == "finalize_migration_dst" and s.state.value == "succeeded" for s in ctx.journal)
+        if journaled or any(a.startswith("finalize-target on") for a in settlement.actions):
+            return
+        try:
+            await ctx.call(dst, "finalize_migration_dst", spec, info, True, step="finalize-target-after-reconcile", deadline=60.0)
+        except (hv.HypervisorError, TransportError, TimeoutError, StepFailed) as err:
+            await ctx.event(
+                "warning",
+                message=f"finalize_migration_dst on {dst} after reconciling: {type(err).__name__}: {err} (harmless when it was already finalized)",
+            )
 
     async def _finish_source(
         self, ctx: Context, spec: hv.Instance, src: str, dst: str, started: float,
@@ -408,6 +428,9 @@ class MigrateWorkflow(Workflow[Migrate]):
         if settlement.outcome == "pending":
             raise RecoveryPending(f"migrate {self.op.instance}: {settlement.message}")
         if settlement.winner == dst:
+            info_step = ctx.last_step("migration_info")
+            info = str(info_step.result) if info_step is not None and isinstance(info_step.result, str) else ""
+            await self._finalize_target_if_needed(ctx, record.spec, dst, settlement, info)
             if ctx.last_step("finalize_migration_source") is None or ctx.last_step("finalize_migration_source").state.value != "succeeded":
                 leftover = settlement.views.get(src)
                 if leftover is not None and leftover.copy is Copy.UNKNOWN:
