@@ -61,10 +61,6 @@ def node_address(ctx: Context, node: str) -> str:
     return str(getattr(entry, "address", "") or "")
 
 
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
-
-
 @register_workflow(Migrate)
 class MigrateWorkflow(Workflow[Migrate]):
     COMPENSATION_TIMEOUT = ROLLBACK_TIMEOUT
