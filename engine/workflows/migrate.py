@@ -195,7 +195,6 @@ class MigrateWorkflow(Workflow[Migrate]):
         if policy.downtime_start_ms is not None:
             await self._decide(ctx, spec, src, Decision(Action.RAISE_DOWNTIME, "the policy's starting downtime", downtime), None)
         conv = Convergence(policy, ram_total=spec.beparams.maxmem * 2**20, started=anyio.current_time(), downtime_ms=downtime)
-        client = ctx.engine.transport.node(src)
         failures = 0
         percent = 0.0
         last_emit = -math.inf
@@ -207,8 +206,10 @@ class MigrateWorkflow(Workflow[Migrate]):
                 if not ctx.node_online(src):
                     raise MigrationFailed(f"source node {src} went offline during the migration", step="monitor", node=src)
                 try:
-                    with anyio.fail_after(policy.status_wait + policy.status_timeout):
-                        raw = await client.call("get_migration_status", spec, wait=policy.status_wait)
+                    raw = await ctx.read(
+                        src, "get_migration_status", spec, wait=policy.status_wait,
+                        deadline=policy.status_wait + policy.status_timeout, step="monitor",
+                    )
                     status = as_type(raw, hv.MigrationStatus, what="get_migration_status")
                 except (hv.HypervisorError, TransportError, TimeoutError) as err:
                     failures += 1
