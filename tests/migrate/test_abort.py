@@ -137,3 +137,12 @@ async def test_source_that_cannot_be_finalized_is_pending_cleanup_then_cleaned(m
         assert job.state is JobState.SUCCEEDED, job.error
         await env.assert_runs_once("web1", "n2")
         assert (await env.engine.instance("web1")).pending_cleanup == ()
+
+
+async def test_step_timeout_rolls_back(make_env) -> None:
+    async with make_env(instances={"web1": ("n1", spec())}) as env:
+        env.fault("n2", "accept_instance", hang=True, times=1)
+        job = await env.engine.wait(await env.engine.submit(Migrate(instance="web1", target="n2", deadlines={"accept_instance": 0.5})))
+        assert job.state is JobState.FAILED
+        assert "StepTimeout" in job.error.message and "deadline of 0.5s" in job.error.message and "runs on n1" in job.error.message
+        await env.assert_runs_once("web1", "n1")
