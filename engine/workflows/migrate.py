@@ -98,6 +98,8 @@ class MigrateWorkflow(Workflow[Migrate]):
             # rollback finds the copy complete and goes forward).
             await ctx.point_of_no_return("migration completed: the target holds the whole instance")
         except BaseException as exc:
+            if isinstance(exc, anyio.get_cancelled_exc_class()) and ctx.cancel_reason is None and getattr(ctx.engine, "_closing", False):
+                raise  # the engine is closing, not the job cancelled: the next engine recovers it
             with ctx.shielded(ROLLBACK_TIMEOUT):
                 settlement = await self._rollback(ctx, spec, src, dst, exc)
                 if settlement.winner == dst:

@@ -189,3 +189,25 @@ async def test_job_dependencies_chain_migrations(make_env) -> None:
         assert (await env.engine.wait(bad)).state is JobState.FAILED
         job = await env.engine.wait(after)
         assert job.state is JobState.FAILED and "depends on" in job.error.message and job.steps == []
+
+
+async def test_evacuation_interrupted_by_an_engine_restart_settles_every_child(make_env) -> None:
+    instances = {f"vm{i}": ("n1", spec(f"vm{i}")) for i in range(2)}
+    async with make_env(nodes=("n1", "n2"), instances=instances, settings={"bandwidth": 16 * MIB}) as env:
+        job_id = await env.engine.submit(EvacuateNode(node="n1", concurrency=1))
+        async for event in env.engine.watch(job_id):
+            if event.kind == "evacuate-child":
+                break
+        async for event in env.engine.watch(event.data["job"]):
+            if event.kind == "progress" and event.data.get("percent", 0) > 5:
+                break  # the first child is mid-copy: close the engine now (jobs stay running in the store)
+    async with make_env(nodes=("n1", "n2")) as env:
+        with anyio.fail_after(30):
+            parent = await env.engine.wait(job_id)
+        assert parent.state is JobState.FAILED and "re-run it" in parent.error.message
+        assert parent.result["recovered"] is True
+        children = [j for j in await env.engine.list() if j.parent_id == job_id]
+        assert children and all(j.state.final for j in children)
+        for name in instances:
+            record = await env.engine.instance(name)
+            await env.assert_runs_once(name, record.primary)
