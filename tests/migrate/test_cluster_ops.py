@@ -211,3 +211,19 @@ async def test_evacuation_interrupted_by_an_engine_restart_settles_every_child(m
         for name in instances:
             record = await env.engine.instance(name)
             await env.assert_runs_once(name, record.primary)
+
+
+async def test_failover_interrupted_by_an_engine_restart(make_env) -> None:
+    async with make_env(instances={"web1": ("n1", spec())}) as env:
+        node_down(env, "n1")
+        env.fault("n2", "start_instance", delay=0.5, times=1)
+        job_id = await env.engine.submit(Failover(instance="web1", target="n2", primary_down=True))
+        async for event in env.engine.watch(job_id):
+            if event.kind == "step-start" and event.data.get("step") == "start":
+                break  # close the engine with the start in flight (the call is cancelled on the node)
+    async with make_env() as env:
+        job = await env.engine.wait(job_id)
+        assert job.state is JobState.FAILED and "not running on n2" in job.error.message
+        assert job.result["recovered"] is True
+        record = await env.engine.instance("web1")
+        assert record.primary == "n1" and await env.where("web1") == {"n1": "running"}
