@@ -52,9 +52,6 @@ REMOTE_METHODS: tuple[str, ...] = (
     "force_complete_migration",
     "cancel_migration",
     "balloon_instance_memory",
-    "set_migration_downtime",
-    "force_complete_migration",
-    "cancel_migration",
     "instance_startup_memory",
     "validate_parameters",
     "powercycle_node",
@@ -208,20 +205,6 @@ class BaseHypervisor:
 
     async def balloon_instance_memory(self, instance: Instance, mem: int) -> None:
         raise NotImplementedError
-
-    # --- convergence controls (used by the engine's migration policy) -------
-
-    async def set_migration_downtime(self, instance: Instance, ms: int) -> None:
-        """Change the allowed downtime of the running migration (ms)."""
-        raise MigrationError(f"setting the migration downtime is not supported by {self.NAME}", node=self.node)
-
-    async def force_complete_migration(self, instance: Instance) -> None:
-        """Pause the guest so that the running migration completes."""
-        raise MigrationError(f"forcing a migration to complete is not supported by {self.NAME}", node=self.node)
-
-    async def cancel_migration(self, instance: Instance) -> None:
-        """Cancel the running migration; the source keeps running."""
-        raise MigrationError(f"cancelling a migration is not supported by {self.NAME}", node=self.node)
 
     async def instance_startup_memory(self, instance: Instance) -> int:
         """max(minmem, min(maxmem, the node's free memory)), in MiB."""

@@ -237,6 +237,7 @@ def test_public_names() -> None:
     assert set(hv.hypervisor_names()) >= {"fake", "kvm"}
     with pytest.raises(HypervisorError, match="unknown hypervisor 'xen'"):
         hv.get_hypervisor_class("xen")
+    assert len(set(hv.REMOTE_METHODS)) == len(hv.REMOTE_METHODS), "a method listed twice"
     for method in hv.REMOTE_METHODS:
         assert callable(getattr(hv.BaseHypervisor, method)), method
 
