@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import signal
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -17,6 +16,8 @@ from typing import Any
 
 import anyio
 import pytest
+
+from tests._real import require_binary
 import pytest_asyncio
 
 import hv
@@ -28,8 +29,7 @@ pytestmark = pytest.mark.qemu
 
 
 def _require_qemu() -> None:
-    if shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("qemu-system-x86_64 is not installed (Debian package qemu-system-x86; scripts/test installs it)")
+    require_binary("qemu-system-x86_64", "qemu-system-x86")
 
 
 def qemu_pids_under(root: Path) -> list[int]:

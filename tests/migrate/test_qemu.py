@@ -8,7 +8,6 @@ except the explicit skip below when the QEMU binary itself is absent.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import pytest_asyncio
 
 import hv
 from engine import AdminState, Cluster, Engine, InstanceRecord, JobState, Migrate
+from tests._real import require_binary
 from tests.hv_qemu.conftest import ACCEL, kill_qemus_under
 from transport import LocalTransport
 
@@ -47,8 +47,7 @@ def vm(name: str = "vm1", mem: int = 128, **hvparams: Any) -> hv.Instance:
 @pytest_asyncio.fixture
 async def kvm_engine(tmp_path: Path) -> AsyncIterator[Any]:
     """``make(spec)``: an engine over two kvm nodes (LocalTransport) with ``spec`` in its inventory."""
-    if shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("qemu-system-x86_64 is not installed (Debian package qemu-system-x86; scripts/test installs it)")
+    require_binary("qemu-system-x86_64", "qemu-system-x86")
     drivers = {n: hv.get_hypervisor("kvm", run_dir=tmp_path / n, node=n, qmp_timeout=5.0) for n in ("n1", "n2")}
     try:
         async with LocalTransport(drivers, owns_drivers=True) as transport:
@@ -140,8 +139,7 @@ async def test_real_non_converging_migration_hits_the_policy(kvm_engine, dirty_k
 
 async def test_engine_killed_mid_qemu_migration_recovers_from_qemu(tmp_path: Path, dirty_kernel: Path) -> None:
     """QEMU outlives a SIGKILLed engine and finishes the copy alone; the next engine settles it forward."""
-    if shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("qemu-system-x86_64 is not installed (Debian package qemu-system-x86; scripts/test installs it)")
+    require_binary("qemu-system-x86_64", "qemu-system-x86")
     from tests.migrate.test_crash import run_until_step
 
     # A downtime allowance above one pass's time: the copy converges ~4 s after it starts.

@@ -11,11 +11,11 @@ import pytest
 import hv
 import transport
 from transport.config import ClusterConfig, NodeConfig
+from hv.fake import FakeHypervisor
 from transport.testing import LocalCluster
 
 from .util import eventually
 
-FakeHypervisor = pytest.importorskip("hv.fake", reason="hv.fake (the fake driver) is not in this tree yet").FakeHypervisor
 
 pytestmark = pytest.mark.anyio
 
