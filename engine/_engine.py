@@ -105,6 +105,7 @@ class Engine:
         node_ping_interval: float | None = 5.0,
         node_ping_timeout: float | None = None,
         recovery_backoff: tuple[float, float] = (0.5, 30.0),
+        cancel_poll_interval: float = 0.15,
     ) -> None:
         if not isinstance(max_running_jobs, int) or max_running_jobs < 1:
             raise ValueError(f"max_running_jobs must be an int >= 1, not {max_running_jobs!r}")
@@ -124,6 +125,12 @@ class Engine:
         # keepalive reports dead connections fast; this bound is for hangs.
         self.node_ping_timeout = node_ping_timeout or 5.0
         self.recovery_backoff = recovery_backoff
+        if not (math.isfinite(cancel_poll_interval) and cancel_poll_interval > 0):
+            raise ValueError(f"cancel_poll_interval must be a positive number of seconds, not {cancel_poll_interval!r}")
+        #: Seconds between reads of the store's cancel requests (other processes' cancels).
+        self.cancel_poll_interval = cancel_poll_interval
+        self._cancel_seq = 0
+        self._adopt_jobs = True  # False when another engine runs on the store: its jobs stay its own
         self.log = get_logger()
         self._locks = LockManager()
         self._handles: dict[int, _JobHandle] = {}
@@ -166,6 +173,9 @@ class Engine:
         async with contextlib.AsyncExitStack() as stack:
             await the_store.open()
             stack.push_async_callback(the_store.aclose)
+            # Held while this engine runs: `herd cancel` sees a live engine and
+            # leaves running jobs to it (released on close, or by the kernel on a crash).
+            alone = await the_store.acquire_engine_lease()
             if transport is None:
                 import transport as transport_pkg
 
@@ -173,6 +183,7 @@ class Engine:
                     raise EngineError("Engine.open needs a cluster config with nodes, or a transport")
                 transport = await stack.enter_async_context(transport_pkg.connect(cluster.config))
             engine = cls(the_store, cluster, transport, **options)
+            engine._adopt_jobs = alone
             await engine._seed_inventory()
             # The caller's exception is re-raised outside the task group, so
             # it reaches them as itself, not wrapped in an ExceptionGroup.
@@ -228,7 +239,16 @@ class Engine:
 
     async def _start(self) -> None:
         assert self._tg is not None
+        # Before the jobs are read: a request written after this is seen by the watcher,
+        # one written before is in the job's cancel_reason.
+        self._cancel_seq = await self.store.last_cancel_request()
         jobs = await self.store.list_jobs(states=[JobState.QUEUED, JobState.WAITING, JobState.RUNNING, JobState.CANCELLING])
+        if not self._adopt_jobs and jobs:
+            self.log.warning(
+                "another engine is running on this store: its jobs are left to it (cancel them with cancel())",
+                jobs=[j.id for j in jobs],
+            )
+            jobs = []
         inventory = await self.store.instances()
         for job in jobs:
             handle = _JobHandle(
@@ -256,6 +276,7 @@ class Engine:
         if self.node_ping_interval is not None:
             for name in self.node_names:
                 self._tg.start_soon(self._pinger, name)
+        self._tg.start_soon(self._cancel_watcher, name="cancel-request watcher")
 
     # --- public API ---------------------------------------------------------
 
@@ -316,12 +337,17 @@ class Engine:
                 if _is_final_event(event):
                     return
             if job_id not in self._handles:
-                # Not live here: if the store has no final event, nothing will come.
-                job = await self.store.get_job(job_id, steps=False)
-                if job.final:
+                # Not driven here: final already, or driven by another engine (follow the store).
+                while True:
+                    job = await self.store.get_job(job_id, steps=False)
                     for event in await self.store.events(job_id, after=last):
                         yield event
-                    return
+                        last = event.seq
+                        if _is_final_event(event):
+                            return
+                    if job.final:
+                        return
+                    await anyio.sleep(self.cancel_poll_interval)
             async with recv:
                 async for event in recv:
                     if event.seq <= last:
@@ -379,8 +405,18 @@ class Engine:
         handle = self._handles.get(job_id)
         if handle is None:
             return job.state
-        if handle.cancel_reason is None:
-            handle.cancel_reason = job.cancel_reason or reason
+        await self._apply_cancel(handle, job.cancel_reason or reason)
+        if not wait:
+            return handle.state
+        await handle.done.wait()
+        return (await self.store.get_job(job_id, steps=False)).state
+
+    async def _apply_cancel(self, handle: _JobHandle, reason: str) -> None:
+        """Obey a cancel already persisted in the store (asked here or by another process)."""
+        if handle.cancel_reason is not None:
+            return  # already obeyed (the first reason wins)
+        handle.cancel_reason = reason
+        job_id = handle.id
         log = self.log.bind(job_id=job_id, op=handle.op.kind)
         if handle.recovering:
             log.warning("cancel recorded; the job is being recovered and will settle from the nodes' state")
@@ -393,10 +429,32 @@ class Engine:
         for child in list(handle.children):
             if child in self._handles:
                 await self.cancel(child, f"parent job {job_id} cancelled: {reason}", wait=False)
-        if not wait:
-            return handle.state
-        await handle.done.wait()
-        return (await self.store.get_job(job_id, steps=False)).state
+
+    async def _cancel_watcher(self) -> None:
+        """Obey cancel requests other processes (``herd cancel``) write to the store.
+
+        Polls one indexed query every ``cancel_poll_interval`` s (anyio's
+        clock); a request for a job this engine drives goes through the same
+        path as a local :meth:`cancel`. A queued/waiting job no engine drives
+        is cancelled in the store.
+        """
+        while True:
+            await anyio.sleep(self.cancel_poll_interval)
+            try:
+                requests = await self.store.cancel_requests(after=self._cancel_seq)
+            except EngineError as err:
+                self.log.warning("cannot read cancel requests", error=str(err))
+                continue
+            for req in requests:
+                self._cancel_seq = max(self._cancel_seq, req.seq)
+                handle = self._handles.get(req.job_id)
+                if handle is not None:
+                    if handle.cancel_reason is None:
+                        self.log.info("cancel requested by another process", job_id=req.job_id, reason=req.reason)
+                    await self._apply_cancel(handle, req.reason)
+                else:
+                    for ev in await self._shielded(self.store.cancel_pending_job(req.job_id, now=self.clock())):
+                        self._publish(ev)
 
     async def instance(self, name: str) -> InstanceRecord:
         """The inventory record of ``name``."""

@@ -24,10 +24,12 @@ SQLite choices, and why:
 from __future__ import annotations
 
 import abc
+import contextlib
+import fcntl
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -54,6 +56,15 @@ def _dumps(value: Any) -> str | None:
 
 def _loads(text: str | bytes | None) -> Any:
     return None if text is None else _json_dec.decode(text)
+
+
+class CancelRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """A cancel persisted in the store (by any process), for the engine running the job."""
+
+    seq: int
+    job_id: int
+    reason: str
+    requested_at: float
 
 
 class Store(abc.ABC):
@@ -86,7 +97,28 @@ class Store(abc.ABC):
         """Move the job through ``states`` in order (each must be allowed)."""
     @abc.abstractmethod
     async def request_cancel(self, job_id: int, reason: str, *, now: float) -> tuple[Job, Event | None]:
-        """Persist the cancel reason (first one wins); returns the job as stored."""
+        """Persist the cancel reason (first one wins) and a cancel request; returns the job as stored."""
+    @abc.abstractmethod
+    async def cancel_requests(self, *, after: int = 0) -> list[CancelRequest]:
+        """Cancel requests with ``seq > after``, oldest first (cheap: polled by running engines)."""
+    @abc.abstractmethod
+    async def last_cancel_request(self) -> int:
+        """The newest cancel request's ``seq`` (0 if none)."""
+    @abc.abstractmethod
+    async def cancel_pending_job(self, job_id: int, *, now: float) -> list[Event]:
+        """A queued/waiting job with a cancel reason → ``cancelled``, in one transaction (no-op otherwise)."""
+
+    # engines on this store
+    @abc.abstractmethod
+    async def acquire_engine_lease(self) -> bool:
+        """Mark an engine as running on this store until :meth:`release_engine_lease` (or the
+        process dies); True when no other engine was running on it."""
+    @abc.abstractmethod
+    async def release_engine_lease(self) -> None: ...
+    @abc.abstractmethod
+    def no_engine_running(self) -> contextlib.AbstractAsyncContextManager[bool]:
+        """``async with store.no_engine_running() as idle``: while the block runs with
+        ``idle`` True, no engine is (or can start) running on this store."""
     @abc.abstractmethod
     async def set_point_of_no_return(self, job_id: int, reason: str, *, now: float) -> Event: ...
     @abc.abstractmethod
@@ -194,6 +226,20 @@ MIGRATIONS: list[tuple[int, str, tuple[str, ...]]] = [
         ),
     ),
 ]
+MIGRATIONS.append(
+    (
+        2,
+        "cancel requests (cross-process cancel)",
+        (
+            """CREATE TABLE cancel_requests (
+                seq INTEGER PRIMARY KEY AUTOINCREMENT,
+                job_id INTEGER NOT NULL REFERENCES jobs(id),
+                reason TEXT NOT NULL,
+                requested_at REAL NOT NULL
+            )""",
+        ),
+    )
+)
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 _JOB_COLUMNS = (
@@ -228,6 +274,16 @@ class SqliteStore(Store):
         self._read_thread_lock = threading.Lock()
         self._write_lock = anyio.Lock()
         self._queue: list[_WriteRequest] = []
+        self._lease_fd: int | None = None
+
+    @property
+    def lease_path(self) -> Path:
+        """The lock file engines hold (shared flock) while they run on this store."""
+        return Path(f"{self.path}.engine-lock")
+
+    def _open_lease_file(self) -> int:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return os.open(self.lease_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
     def __repr__(self) -> str:
         return f"SqliteStore({str(self.path)!r})"
@@ -368,6 +424,7 @@ class SqliteStore(Store):
         conn.execute("COMMIT")
 
     async def aclose(self) -> None:
+        await self.release_engine_lease()
         conn, self._conn = self._conn, None
         reader, self._read_conn = self._read_conn, None
         with anyio.CancelScope(shield=True):
@@ -513,11 +570,85 @@ class SqliteStore(Store):
             if job.final or job.cancel_reason is not None:
                 return job, None
             conn.execute("UPDATE jobs SET cancel_reason = ?, updated_at = ? WHERE id = ?", (reason, now, job_id))
+            conn.execute("INSERT INTO cancel_requests (job_id, reason, requested_at) VALUES (?, ?, ?)", (job_id, reason, now))
             job.cancel_reason = reason
             event = self._event(conn, job_id, "cancel-requested", {"reason": reason, "state": job.state.value}, now)
             return job, event
 
         return await self._txn(work)
+
+    async def cancel_requests(self, *, after: int = 0) -> list[CancelRequest]:
+        def work(conn: sqlite3.Connection) -> list[CancelRequest]:
+            rows = conn.execute(
+                "SELECT seq, job_id, reason, requested_at FROM cancel_requests WHERE seq > ? ORDER BY seq", (after,)
+            ).fetchall()
+            return [CancelRequest(seq=q, job_id=j, reason=r, requested_at=t) for q, j, r, t in rows]
+
+        return await self._read(work)
+
+    async def last_cancel_request(self) -> int:
+        return int(await self._read(lambda c: c.execute("SELECT COALESCE(MAX(seq), 0) FROM cancel_requests").fetchone()[0]))
+
+    async def cancel_pending_job(self, job_id: int, *, now: float) -> list[Event]:
+        def work(conn: sqlite3.Connection) -> list[Event]:
+            row = conn.execute("SELECT state, cancel_reason FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise JobNotFound(f"no job {job_id}")
+            state, reason = JobState(row[0]), row[1]
+            if state not in (JobState.QUEUED, JobState.WAITING) or reason is None:
+                return []
+            error = _dumps(ErrorInfo(type="JobCancelled", message=f"cancelled while {state.value}: {reason}"))
+            conn.execute(
+                "UPDATE jobs SET state = ?, updated_at = ?, finished_at = ?, error = ?, recovery = NULL WHERE id = ?",
+                (JobState.CANCELLED.value, now, now, error, job_id),
+            )
+            payload = {"state": JobState.CANCELLED.value, "previous": state.value, "error": _loads(error)}
+            return [self._event(conn, job_id, "state", payload, now)]
+
+        return await self._txn(work)
+
+    # --- engines on this store ----------------------------------------------
+
+    async def acquire_engine_lease(self) -> bool:
+        """A shared flock on :attr:`lease_path`, held until released or the process dies.
+
+        First tried exclusively: if that succeeds no other engine holds it.
+        (Two engines opening in the same instant may both think they are alone.)
+        """
+        if self._lease_fd is not None:
+            return True
+        fd = self._open_lease_file()
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                alone = True
+            except BlockingIOError:
+                alone = False
+            # Blocks only while a `herd cancel` holds it exclusively (milliseconds).
+            await anyio.to_thread.run_sync(fcntl.flock, fd, fcntl.LOCK_SH)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._lease_fd = fd
+        return alone
+
+    async def release_engine_lease(self) -> None:
+        fd, self._lease_fd = self._lease_fd, None
+        if fd is not None:
+            os.close(fd)  # closing the descriptor drops the flock
+
+    @contextlib.asynccontextmanager
+    async def no_engine_running(self) -> AsyncIterator[bool]:
+        fd = self._open_lease_file()
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)
 
     async def set_point_of_no_return(self, job_id: int, reason: str, *, now: float) -> Event:
         def work(conn: sqlite3.Connection) -> Event:

@@ -3,14 +3,17 @@ issue adds live progress bars and the daemon/HTTP side).
 
 Without a daemon, ``herd submit`` runs the job in this process until it is
 final (``--no-wait`` leaves it queued for the next engine to open the store).
-``list``/``show``/``watch`` read the store; ``cancel`` opens an engine on the
-store (recovering what was running) and cancels.
+``list``/``show``/``watch`` read the store. ``cancel`` writes a cancel request
+to the store: the engine running the job (in any process on this machine)
+obeys it within ~0.15 s, and ``cancel`` waits, reading the store, until the
+job is final.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -186,22 +189,66 @@ def watch(job_id: int, store: Path = StoreOpt, as_json: bool = JsonOpt, poll: fl
 @app.command()
 def cancel(
     job_id: int,
-    reason: str = typer.Option("cancelled by operator", "--reason"),
+    reason: str = typer.Option("cancelled by operator", "--reason", help="recorded with the job"),
+    timeout: float = typer.Option(300.0, "--timeout", help="seconds to wait for the job to become final"),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="wait until the job is final"),
     store: Path = StoreOpt,
-    cluster: Path = ClusterOpt,
     as_json: bool = JsonOpt,
+    poll: float = typer.Option(0.2, help="seconds between reads of the store"),
 ) -> None:
-    """Cancel a job (opens an engine on the store; returns the state reached)."""
+    """Cancel a job, wherever it runs: e.g. a ``herd submit migrate … --wait`` in another shell.
 
-    async def main() -> JobState:
-        async with Engine.open(store=store, cluster=cluster) as engine:
-            return await engine.cancel(job_id, reason=reason)
+    The request (reason, time) is written to the store; the engine running the
+    job notices it within a fraction of a second, cancels the step in progress
+    (on the node too), compensates, and ends the job ``cancelled``. A queued or
+    waiting job that no engine is running is cancelled here, in the store. A
+    running job whose engine is gone is settled by the next engine to open the
+    store. Prints the state reached; exit 0 when final, 3 if still not final
+    after ``--timeout`` (the request stays recorded).
+    """
 
+    async def main() -> tuple[Job, bool]:
+        s = _existing(store)
+        await s.open()
+        try:
+            now = time.time()
+            job, _ = await s.request_cancel(job_id, reason, now=now)
+            orphan = False
+            if not job.final:
+                async with s.no_engine_running() as idle:
+                    if idle:
+                        await s.cancel_pending_job(job_id, now=now)
+                        orphan = True
+            job = await s.get_job(job_id, steps=False)
+            if not wait or job.final or orphan:
+                return job, orphan
+            with anyio.move_on_after(timeout):
+                while not job.final:
+                    await anyio.sleep(poll)
+                    job = await s.get_job(job_id, steps=False)
+            return job, False
+        finally:
+            await s.aclose()
+
+    if not (timeout > 0 and poll > 0):
+        _fail("--timeout and --poll must be positive")
     try:
-        state = anyio.run(main)
+        job, orphan = anyio.run(main)
     except EngineError as err:
         _fail(str(err))
-    _emit({"job_id": job_id, "state": state.value}, as_json, f"job {job_id}: {state.value}")
+    data = {"job_id": job_id, "state": job.state.value, "cancel_reason": job.cancel_reason, "error": job.error}
+    if job.final:
+        why = f" ({job.error.message})" if job.error is not None else ""
+        _emit(data, as_json, f"job {job_id}: {job.state.value}{why}")
+        raise typer.Exit(0)
+    if orphan:
+        note = "no engine is running it; the next engine to open the store settles it (the cancel is recorded)"
+    elif not wait:
+        note = "cancel requested; the engine running it is cancelling it"
+    else:
+        note = f"still {job.state.value} after {timeout:g}s; the cancel is recorded and the engine running it will finish it"
+    _emit({**data, "note": note}, as_json, f"job {job_id}: {job.state.value}: {note}")
+    raise typer.Exit(0 if not wait else 3)
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ from engine import (
     StoreError,
     StopInstance,
 )
+from engine._store import SCHEMA_VERSION
 from engine._locks import LockManager, instance_lock, node_lock, normalise
 
 from .conftest import open_engine, record
@@ -214,7 +215,7 @@ async def test_store_file_schema_and_transitions(store_path: Path) -> None:
     store = SqliteStore(store_path)
     await store.open()
     try:
-        assert await store.schema_version() == 1
+        assert await store.schema_version() == SCHEMA_VERSION
         assert stat.S_IMODE(os.stat(store_path).st_mode) == 0o600
         job, _ = await store.create_job(Noop(), priority=0, depends_on=(), parent_id=None, now=1.0)
         with pytest.raises(StoreError, match="queued → succeeded"):
