@@ -41,7 +41,7 @@ from ._ops import (
 from ._ops_migration import EvacuateNode, Failover, Migrate, Reconcile, VerifyCluster
 from ._policy import MigrationPolicy, TimeoutAction
 from ._store import SqliteStore, Store
-from ._workflow import Context, Outcome, Workflow, register_workflow, workflow_for
+from ._workflow import Context, Outcome, Workflow, register_service, register_workflow, workflow_for
 from .errors import (
     CompensationFailed,
     DependencyFailed,
@@ -115,6 +115,7 @@ __all__ = [
     "node_lock",
     "op_from_dict",
     "operation_type",
+    "register_service",
     "register_workflow",
     "workflow_for",
 ]

@@ -33,7 +33,7 @@ from ._locks import LockManager, LockRequest, conflicts, normalise
 from ._log import configure_logging, get_logger
 from ._ops import Operation
 from ._store import SqliteStore, Store
-from ._workflow import Context, Outcome, Workflow, workflow_for
+from ._workflow import SERVICES, Context, Outcome, Workflow, workflow_for
 from .errors import (
     CompensationFailed,
     DependencyFailed,
@@ -130,6 +130,7 @@ class Engine:
         #: Seconds between reads of the store's cancel requests (other processes' cancels).
         self.cancel_poll_interval = cancel_poll_interval
         self._cancel_seq = 0
+        self._services: set[str] = set()
         self._adopt_jobs = True  # False when another engine runs on the store: its jobs stay its own
         self.log = get_logger()
         self._locks = LockManager()
@@ -277,8 +278,43 @@ class Engine:
             for name in self.node_names:
                 self._tg.start_soon(self._pinger, name)
         self._tg.start_soon(self._cancel_watcher, name="cancel-request watcher")
+        import engine.workflows  # noqa: F401  (registers the built-in workflows and services)
+
+        for name, fn in SERVICES.items():
+            self.add_service(fn, name=name)
 
     # --- public API ---------------------------------------------------------
+
+    @property
+    def closing(self) -> bool:
+        """True once the engine is closing (or not open): a cancel then is the engine's, not the job's."""
+        return self._closing or self._tg is None
+
+    def node_online(self, name: str) -> bool:
+        """Whether ``name`` is a known node the engine currently considers online."""
+        health = self._health.get(name)
+        return health is not None and health.status.online
+
+    def add_service(self, fn: Callable[[Engine], Any], *, name: str | None = None) -> None:
+        """Run ``async fn(engine)`` until the engine closes (services registered with
+        :func:`engine.register_service` are started by :meth:`open`). Once per name."""
+        label = name or getattr(fn, "__qualname__", repr(fn))
+        if self._tg is None or self._closing:
+            raise EngineError(f"service {label}: the engine is not open")
+        if label in self._services:
+            return
+        self._services.add(label)
+        self._tg.start_soon(self._run_service, fn, label, name=f"service {label}")
+
+    async def _run_service(self, fn: Callable[[Engine], Any], label: str) -> None:
+        log = self.log.bind(service=label)
+        log.info("service started")
+        try:
+            await fn(self)
+        except Exception:
+            log.exception("service failed; not restarted")
+        finally:
+            self._services.discard(label)
 
     async def submit(
         self, op: Operation, *, priority: int = 0, depends_on: Sequence[int] = (), parent_id: int | None = None
@@ -839,10 +875,6 @@ class Engine:
                 send.close()
 
     # --- nodes --------------------------------------------------------------
-
-    def _node_online(self, name: str) -> bool:
-        health = self._health.get(name)
-        return health is not None and health.status.online
 
     async def _node_call(
         self, node: str, method: str, args: Sequence[Any], kwargs: dict[str, Any], *, on_progress: Any, fail_fast: bool = True

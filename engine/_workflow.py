@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
@@ -39,6 +39,27 @@ OpT = TypeVar("OpT", bound=Operation)
 
 #: Workflow class per operation kind.
 WORKFLOWS: dict[str, type[Workflow[Any]]] = {}
+
+#: Engine services: ``async fn(engine)`` run by every engine from open to close.
+SERVICES: dict[str, Callable[[Engine], Awaitable[None]]] = {}
+
+ServiceT = TypeVar("ServiceT", bound=Callable[..., Awaitable[None]])
+
+
+def register_service(name: str) -> Callable[[ServiceT], ServiceT]:
+    """Decorator: run ``async fn(engine)`` in every engine, from :meth:`Engine.open` until it closes.
+
+    For background duties that belong to the cluster, not to one job (the
+    pending-cleanup janitor). A service that raises is logged and not restarted.
+    """
+
+    def deco(fn: ServiceT) -> ServiceT:
+        if name in SERVICES and SERVICES[name] is not fn:
+            raise TypeError(f"a service named {name!r} is already registered")
+        SERVICES[name] = fn
+        return fn
+
+    return deco
 
 
 def register_workflow(op_type: type[Operation]) -> Callable[[type[Workflow[Any]]], type[Workflow[Any]]]:
@@ -180,7 +201,7 @@ class Context:
         return await self.engine.instance(name)
 
     def node_online(self, name: str) -> bool:
-        return self.engine._node_online(name)
+        return self.engine.node_online(name)
 
     # --- steps --------------------------------------------------------------
 

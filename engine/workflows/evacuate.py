@@ -19,7 +19,6 @@ from .._ops_migration import EvacuateNode, Migrate
 from .._workflow import Context, Outcome, Workflow, register_workflow
 from ..errors import EngineError, StepFailed
 from ._util import as_type
-from .reconcile import ensure_janitor
 
 
 class EvacuationIncomplete(StepFailed):
@@ -44,7 +43,6 @@ class EvacuateWorkflow(Workflow[EvacuateNode]):
         return free
 
     async def run(self, ctx: Context) -> Any:
-        ensure_janitor(ctx.engine)
         node = self.op.node
         inventory = await ctx.engine.instances()
         mine = sorted(name for name, r in inventory.items() if r.primary == node)

@@ -20,7 +20,6 @@ from .._ops_migration import Failover
 from .._workflow import Context, Outcome, Workflow, register_workflow
 from ..errors import StepFailed, StepTimeout
 from ._util import as_type, instance_info, is_running
-from .reconcile import ensure_janitor
 
 
 class FailoverRefused(StepFailed):
@@ -32,7 +31,6 @@ class FailoverWorkflow(Workflow[Failover]):
     COMPENSATION_TIMEOUT = 90.0
 
     async def run(self, ctx: Context) -> Any:
-        ensure_janitor(ctx.engine)
         record = await ctx.instance(self.op.instance)
         spec, old, dst = record.spec, record.primary, self.op.target
         what = f"failover {spec.name} {old} -> {dst}"

@@ -33,7 +33,7 @@ from .._policy import DEFAULT_POLICY, Action, Convergence, Decision, MigrationPo
 from .._workflow import Context, Outcome, Workflow, register_workflow
 from ..errors import RecoveryPending, StepFailed
 from ._util import as_type, instance_info
-from .reconcile import Copy, Settlement, ensure_janitor, settle
+from .reconcile import Copy, Settlement, settle
 
 #: Seconds the abort (cancel, finalize both sides, prove) may take.
 ROLLBACK_TIMEOUT = 120.0
@@ -74,7 +74,6 @@ class MigrateWorkflow(Workflow[Migrate]):
 
     async def run(self, ctx: Context) -> Any:
         op = self.op
-        ensure_janitor(ctx.engine)
         record = await ctx.instance(op.instance)
         spec, src, dst = record.spec, record.primary, op.target
         policy = check_policy(op.kind, op.policy, cluster_policy(ctx))
@@ -98,7 +97,7 @@ class MigrateWorkflow(Workflow[Migrate]):
             # rollback finds the copy complete and goes forward).
             await ctx.point_of_no_return("migration completed: the target holds the whole instance")
         except BaseException as exc:
-            if isinstance(exc, anyio.get_cancelled_exc_class()) and ctx.cancel_reason is None and getattr(ctx.engine, "_closing", False):
+            if isinstance(exc, anyio.get_cancelled_exc_class()) and ctx.cancel_reason is None and ctx.engine.closing:
                 raise  # the engine is closing, not the job cancelled: the next engine recovers it
             with ctx.shielded(ROLLBACK_TIMEOUT):
                 settlement = await self._rollback(ctx, spec, src, dst, exc)
@@ -411,7 +410,6 @@ class MigrateWorkflow(Workflow[Migrate]):
     # --- after an engine crash --------------------------------------------------
 
     async def recover(self, ctx: Context) -> Outcome:
-        ensure_janitor(ctx.engine)
         plan = ctx.last_step("plan")
         record = await ctx.instance(self.op.instance)
         if plan is None or not isinstance(plan.result, dict) or ctx.last_step("migration_info") is None:

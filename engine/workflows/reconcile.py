@@ -37,7 +37,7 @@ from transport.errors import CallTimeout, NodeUnreachable, TransportError
 from .._inventory import AddPendingCleanup, AdminState, ClearPendingCleanup, InventoryChange, SetAdminState, SetPrimary
 from .._jobs import JobState
 from .._ops_migration import Reconcile
-from .._workflow import Context, Outcome, Workflow, register_workflow
+from .._workflow import Context, Outcome, Workflow, register_service, register_workflow
 from ..errors import EngineError, RecoveryPending, StepFailed, StepTimeout
 from ._util import as_type, instance_info
 
@@ -389,7 +389,6 @@ class ReconcileWorkflow(Workflow[Reconcile]):
     COMPENSATION_TIMEOUT = 120.0
 
     async def run(self, ctx: Context) -> Any:
-        ensure_janitor(ctx.engine)
         record = await ctx.instance(self.op.instance)
         required = [record.primary, *(p.node for p in record.pending_cleanup), *self.op.nodes]
         others = [] if self.op.nodes else [n for n in ctx.engine.node_names if n not in required]
@@ -424,7 +423,7 @@ async def _submit_reconciles(engine: Engine, node: str | None) -> list[int]:
         nodes = {p.node for p in record.pending_cleanup}
         if not nodes or name in busy or (node is not None and node not in nodes):
             continue
-        if not all(engine._node_online(n) for n in nodes | {record.primary}):
+        if not all(engine.node_online(n) for n in nodes | {record.primary}):
             continue
         try:
             submitted.append(await engine.submit(ReconcileOp(instance=name)))
@@ -433,12 +432,15 @@ async def _submit_reconciles(engine: Engine, node: str | None) -> list[int]:
     return submitted
 
 
+@register_service("pending-cleanup janitor")
 async def pending_cleanup_janitor(engine: Engine, rescan: float = 30.0) -> None:
     """Clean what migrations left on unreachable nodes when those nodes come back.
 
-    On every ``node-online`` event (and every ``rescan`` s, and at start) a
-    ``Reconcile`` job is submitted for each instance with a pending cleanup
-    on a node that is online. Runs until the engine closes.
+    An engine service (started by every ``Engine.open``, so cleanups left by
+    an earlier session are handled at once). At start, on every
+    ``node-online`` event, and every ``rescan`` s, a ``Reconcile`` job is
+    submitted for each instance with a pending cleanup on a node that is
+    online. Runs until the engine closes.
     """
     send, recv = anyio.create_memory_object_stream[str](math.inf)
 
@@ -462,15 +464,3 @@ async def pending_cleanup_janitor(engine: Engine, rescan: float = 30.0) -> None:
                 with anyio.CancelScope(shield=True):
                     await _submit_reconciles(engine, node)
         tg.cancel_scope.cancel()
-
-
-def ensure_janitor(engine: Engine) -> None:
-    """Start :func:`pending_cleanup_janitor` in the engine's task group, once per engine.
-
-    Called by the migration-family workflows (which are what create pending
-    cleanups) until the engine starts it itself at open.
-    """
-    if getattr(engine, "_herd_janitor", False) or engine._tg is None or engine._closing:
-        return
-    engine._herd_janitor = True  # type: ignore[attr-defined]
-    engine._tg.start_soon(pending_cleanup_janitor, engine, name="pending-cleanup janitor")

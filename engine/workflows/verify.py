@@ -24,7 +24,6 @@ from .._ops_migration import VerifyCluster
 from .._workflow import Context, Outcome, Workflow, register_workflow
 from ..errors import StepFailed
 from ._util import as_type
-from .reconcile import ensure_janitor
 
 _PRESENT = (hv.HvInstanceState.RUNNING, hv.HvInstanceState.PAUSED)
 
@@ -32,7 +31,6 @@ _PRESENT = (hv.HvInstanceState.RUNNING, hv.HvInstanceState.PAUSED)
 @register_workflow(VerifyCluster)
 class VerifyWorkflow(Workflow[VerifyCluster]):
     async def run(self, ctx: Context) -> Any:
-        ensure_janitor(ctx.engine)
         inventory = await ctx.engine.instances()
         nodes: dict[str, str] = {}
         seen: dict[str, dict[str, str]] = {}  # instance -> node -> state
