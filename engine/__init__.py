@@ -54,6 +54,7 @@ from .errors import (
     RecoveryPending,
     StepFailed,
     StepTimeout,
+    StepUnreachable,
     StoreError,
 )
 
@@ -104,6 +105,7 @@ __all__ = [
     "StepFailed",
     "StepState",
     "StepTimeout",
+    "StepUnreachable",
     "StopInstance",
     "Store",
     "StoreError",

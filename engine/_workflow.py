@@ -30,7 +30,7 @@ from transport.errors import CallTimeout, NodeUnreachable
 from ._inventory import InstanceRecord, InventoryChange, SetAdminState, SetPrimary, AdminState
 from ._jobs import ErrorInfo, Job, JobState, Step, StepState
 from ._ops import Operation
-from .errors import EngineError, InvalidOperation, NodeOffline, StepTimeout
+from .errors import EngineError, InvalidOperation, NodeOffline, StepTimeout, StepUnreachable
 
 if TYPE_CHECKING:
     from ._engine import Engine, _JobHandle
@@ -167,6 +167,8 @@ class Context:
     mode: str = "run"
     rng: random.Random = field(default_factory=random.Random)
     log: Any = None
+    #: Consecutive NodeUnreachable failures after which an idempotent read gives up.
+    UNREACHABLE_ATTEMPTS: ClassVar[int] = 5
     _progress: list[dict[str, Any]] = field(default_factory=list)
     _progress_lock: anyio.Lock = field(default_factory=anyio.Lock)
 
@@ -266,8 +268,18 @@ class Context:
         self, node: str, method: str, args: Sequence[Any], kwargs: dict[str, Any], *,
         name: str, deadline: float, idempotent: bool, counter: list[int], log: Any,
     ) -> Any:
-        """The call itself: deadline, fail-fast, retries of idempotent reads."""
-        with anyio.move_on_after(deadline) as scope:
+        """The call itself: deadline, fail-fast, retries of idempotent reads.
+
+        An idempotent read that finds the node unreachable
+        :attr:`UNREACHABLE_ATTEMPTS` times in a row (≈1.5 s of backoff), or on
+        every attempt until its deadline, raises :class:`StepUnreachable` (a
+        NodeUnreachable, so the node is marked offline and later jobs fail
+        fast), not a bare StepTimeout after the whole deadline.
+        """
+        last_unreachable: BaseException | None = None
+        unreachable_only = True
+        streak = 0
+        with anyio.move_on_after(deadline):
             while True:
                 counter[0] += 1
                 try:
@@ -279,10 +291,22 @@ class Context:
                         # Not blindly retried: state-changing calls, and any
                         # call to a node already known to be offline.
                         raise
+                    if isinstance(err, NodeUnreachable):
+                        last_unreachable = err
+                        streak += 1
+                        if streak >= self.UNREACHABLE_ATTEMPTS:
+                            break
+                    else:
+                        unreachable_only, streak = False, 0
                     delay = min(0.05 * 2 ** min(counter[0], 8), 2.0) * (0.5 + self.rng.random())
                     log.warning("transient error; retrying", error=str(err), attempt=counter[0], retry_in=round(delay, 3))
                     await anyio.sleep(delay)
-        assert scope.cancelled_caught
+        if last_unreachable is not None and (unreachable_only or streak >= self.UNREACHABLE_ATTEMPTS):
+            raise StepUnreachable(
+                f"step {name!r} ({method}) on node {node}: NodeUnreachable on {counter[0]} attempts "
+                f"({'in a row' if streak >= self.UNREACHABLE_ATTEMPTS else f'until its deadline of {deadline:g}s'}); last: {last_unreachable}",
+                step=name, node=node, deadline=deadline, attempts=counter[0],
+            ) from last_unreachable
         raise StepTimeout(
             f"step {name!r} ({method}) on node {node} did not finish within its deadline of {deadline:g}s",
             step=name,

@@ -58,6 +58,19 @@ class StepTimeout(StepFailed, TimeoutError):
         self.deadline = deadline
 
 
+class StepUnreachable(StepFailed, NodeUnreachable):
+    """An idempotent step found its node unreachable on every attempt until its deadline.
+
+    A :class:`transport.errors.NodeUnreachable` too: the engine marks the
+    node offline (later jobs fail fast) and callers handle it as unreachable.
+    """
+
+    def __init__(self, message: str, *, step: str | None = None, node: str | None = None, deadline: float | None = None, attempts: int = 0) -> None:
+        super().__init__(message, step=step, node=node, cause="NodeUnreachable")
+        self.deadline = deadline
+        self.attempts = attempts
+
+
 class NodeOffline(EngineError, NodeUnreachable):
     """A job needs a node the engine has marked offline: it fails fast.
 

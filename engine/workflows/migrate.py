@@ -133,10 +133,10 @@ class MigrateWorkflow(Workflow[Migrate]):
         what = f"migrate {name} {src} -> {dst}"
 
         async def read(node: str, method: str, *args: Any, step: str) -> Any:
-            # One attempt: a node that does not answer is marked offline by the
-            # engine (later jobs fail fast) rather than retried for the deadline.
+            # Retried (a read); a node that keeps refusing is marked offline by the
+            # engine after a few attempts, and later jobs fail fast.
             try:
-                return await ctx.call(node, method, *args, step=step, deadline=15.0)
+                return await ctx.call(node, method, *args, step=step, deadline=15.0, idempotent=True)
             except (TransportError, TimeoutError) as err:
                 raise PrecheckFailed(f"{what}: node {node} cannot be reached ({type(err).__name__}: {err})", step=step, node=node) from err
 
