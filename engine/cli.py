@@ -195,6 +195,7 @@ def cancel(
     store: Path = StoreOpt,
     as_json: bool = JsonOpt,
     poll: float = typer.Option(0.2, help="seconds between reads of the store"),
+    cluster: Optional[Path] = typer.Option(None, "--cluster", hidden=True, help="accepted for compatibility; not needed"),
 ) -> None:
     """Cancel a job, wherever it runs: e.g. a ``herd submit migrate … --wait`` in another shell.
 
@@ -232,6 +233,8 @@ def cancel(
 
     if not (timeout > 0 and poll > 0):
         _fail("--timeout and --poll must be positive")
+    if not reason.strip():
+        _fail("--reason must not be empty")
     try:
         job, orphan = anyio.run(main)
     except EngineError as err:
