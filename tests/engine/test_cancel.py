@@ -30,19 +30,26 @@ async def _start_web1(fc: FakeCluster, store: Path) -> None:
         assert job.state is JobState.SUCCEEDED, job.error
 
 
-async def _run_cancelled_elsewhere(fc: FakeCluster, tmp_path: Path, cancel: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+async def _run_cancelled_elsewhere(
+    fc: FakeCluster, tmp_path: Path, cancel: Any, *, herd_submit: bool = False
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """An engine process runs stop-instance held in ``stop_instance`` on n1; ``cancel(job_id)`` here.
 
-    Returns the engine process's final state event and all its events.
+    The process is ``tests.engine.engine_proc``, or with ``herd_submit`` the
+    operator's ``herd submit … --wait``. Returns its final state event and all its events.
     """
     store = tmp_path / "herd.db"
     cluster_file = fc.write_file(tmp_path / "cluster.toml")
     await _start_web1(fc, store)
     fc.configure("n1", faults={"stop_instance": {"hang": True, "times": 1}})
-    argv = [
-        sys.executable, "-m", "tests.engine.engine_proc", "--store", str(store), "--cluster", str(cluster_file),
-        "--submit", json.dumps({"kind": "stop-instance", "instance": "web1"}), "--exit-when-done",
-    ]
+    common = ["--store", str(store), "--cluster", str(cluster_file)]
+    if herd_submit:
+        argv = [sys.executable, "-m", "engine.cli", "submit", "stop-instance", "instance=web1", *common, "--json"]
+    else:
+        argv = [
+            sys.executable, "-m", "tests.engine.engine_proc", *common,
+            "--submit", json.dumps({"kind": "stop-instance", "instance": "web1"}), "--exit-when-done",
+        ]
     seen: list[dict[str, Any]] = []
     with open(tmp_path / "engine.log", "ab") as err:
         async with await anyio.open_process(argv, cwd=REPO, stderr=err) as proc:
@@ -61,6 +68,8 @@ async def _run_cancelled_elsewhere(fc: FakeCluster, tmp_path: Path, cancel: Any)
                             seen.append(msg)
                             if "submitted" in msg:
                                 job_id.append(msg["submitted"])
+                            elif herd_submit and not job_id and msg.get("job_id") is not None:
+                                job_id.append(msg["job_id"])
                             elif msg.get("kind") == "step-start" and msg["data"]["step"] == "stop":
                                 held.set()
 
@@ -70,7 +79,7 @@ async def _run_cancelled_elsewhere(fc: FakeCluster, tmp_path: Path, cancel: Any)
                         await held.wait()
                         await _node_saw(fc, "n1", "start", "stop_instance")
                         await cancel(store, job_id[0])
-                assert await proc.wait() == 0
+                assert await proc.wait() == (2 if herd_submit else 0)  # herd submit: 2 = the job did not succeed
             finally:
                 if proc.returncode is None:
                     proc.kill()
@@ -80,7 +89,8 @@ async def _run_cancelled_elsewhere(fc: FakeCluster, tmp_path: Path, cancel: Any)
     return final[0], seen
 
 
-async def test_herd_cancel_reaches_a_job_run_by_another_process(local_cluster: FakeCluster, tmp_path: Path) -> None:
+@pytest.mark.parametrize("runner", ["engine-process", "herd-submit"])
+async def test_herd_cancel_reaches_a_job_run_by_another_process(local_cluster: FakeCluster, tmp_path: Path, runner: str) -> None:
     result: dict[str, Any] = {}
 
     async def cancel(store: Path, job_id: int) -> None:
@@ -90,7 +100,7 @@ async def test_herd_cancel_reaches_a_job_run_by_another_process(local_cluster: F
         )
         result.update(res=res, took=anyio.current_time() - started)
 
-    final, seen = await _run_cancelled_elsewhere(local_cluster, tmp_path, cancel)
+    final, seen = await _run_cancelled_elsewhere(local_cluster, tmp_path, cancel, herd_submit=runner == "herd-submit")
     res = result["res"]
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout.splitlines()[-1])
