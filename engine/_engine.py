@@ -487,6 +487,10 @@ class Engine:
                 if handle is not None:
                     if handle.cancel_reason is None:
                         self.log.info("cancel requested by another process", job_id=req.job_id, reason=req.reason)
+                        # The requester's event, for this engine's watchers (written in its process).
+                        for ev in await self.store.events(req.job_id):
+                            if ev.kind == "cancel-requested":
+                                self._publish(ev)
                     await self._apply_cancel(handle, req.reason)
                 else:
                     for ev in await self._shielded(self.store.cancel_pending_job(req.job_id, now=self.clock())):

@@ -111,6 +111,8 @@ async def test_herd_cancel_reaches_a_job_run_by_another_process(local_cluster: F
     # the engine went through the local path: cancelling (compensation), with the persisted reason
     states = [m["data"]["state"] for m in seen if m.get("kind") == "state"]
     assert states[-2:] == ["cancelling", "cancelled"]
+    requested = [m for m in seen if m.get("kind") == "cancel-requested"]  # written by herd cancel, relayed to watchers
+    assert [m["data"]["reason"] for m in requested] == ["operator said so"]
     cancelling = next(m for m in seen if m.get("kind") == "state" and m["data"]["state"] == "cancelling")
     assert cancelling["data"]["reason"] == "operator said so"
     # the node's call was cancelled too
