@@ -50,31 +50,33 @@ async def run(args: argparse.Namespace, base: Path) -> int:
             await engine.transport.node("n1").start_instance(spec)
             print(f"web1 ({args.memory} MiB) runs on n1; migrating it live to n2 ...")
             job_id = await engine.submit(Migrate(instance="web1", target="n2", policy=policy))
-            if args.cancel_after is not None:
 
-                async def cancel_later() -> None:
-                    await anyio.sleep(args.cancel_after)
-                    await engine.cancel(job_id, f"demo: cancelled after {args.cancel_after:g}s", wait=False)
+            async def cancel_later() -> None:
+                await anyio.sleep(args.cancel_after)
+                await engine.cancel(job_id, f"demo: cancelled after {args.cancel_after:g}s", wait=False)
 
-                engine._tg.start_soon(cancel_later)  # type: ignore[union-attr]
-            last = ""
-            async for ev in engine.watch(job_id):
-                if ev.kind == "progress" and ev.data.get("step") == "monitor":
-                    last = progress_line(ev.data)
-                    print(("\r" + last) if tty else last, end="" if tty else "\n", flush=True)
-                    continue
-                if tty and last:
-                    print()
-                    last = ""
-                if ev.kind == "step-start":
-                    print(f"  step {ev.data.get('step')} on {ev.data.get('node') or '-'}")
-                elif ev.kind == "step-end" and ev.data.get("state") != "succeeded":
-                    print(f"  step {ev.data.get('step')}: {ev.data.get('state')} {ev.data.get('error') or ''}")
-                elif ev.kind in ("policy", "abort", "alarm", "point-of-no-return", "reconcile"):
-                    detail = ev.data.get("reason") or ev.data.get("message") or ""
-                    print(f"  [{ev.kind}] {ev.data.get('action', '')} {detail}")
-                elif ev.kind == "state":
-                    print(f"  job {job_id}: {ev.data.get('state')}")
+            async with anyio.create_task_group() as tg:
+                if args.cancel_after is not None:
+                    tg.start_soon(cancel_later)
+                last = ""
+                async for ev in engine.watch(job_id):
+                    if ev.kind == "progress" and ev.data.get("step") == "monitor":
+                        last = progress_line(ev.data)
+                        print(("\r" + last) if tty else last, end="" if tty else "\n", flush=True)
+                        continue
+                    if tty and last:
+                        print()
+                        last = ""
+                    if ev.kind == "step-start":
+                        print(f"  step {ev.data.get('step')} on {ev.data.get('node') or '-'}")
+                    elif ev.kind == "step-end" and ev.data.get("state") != "succeeded":
+                        print(f"  step {ev.data.get('step')}: {ev.data.get('state')} {ev.data.get('error') or ''}")
+                    elif ev.kind in ("policy", "abort", "alarm", "point-of-no-return", "reconcile"):
+                        detail = ev.data.get("reason") or ev.data.get("message") or ""
+                        print(f"  [{ev.kind}] {ev.data.get('action', '')} {detail}")
+                    elif ev.kind == "state":
+                        print(f"  job {job_id}: {ev.data.get('state')}")
+                tg.cancel_scope.cancel()  # the job is final: a pending cancel_later has nothing left to do
             job = await engine.wait(job_id)
             if job.state is JobState.SUCCEEDED:
                 r = job.result
