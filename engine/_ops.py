@@ -55,7 +55,7 @@ FALLBACK_DEADLINE = 300.0
 OPERATIONS: dict[str, type[Operation]] = {}
 
 
-class Operation(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
+class Operation(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", forbid_unknown_fields=True):
     """Base of every operation. ``deadlines`` overrides step deadlines (s)."""
 
     deadlines: dict[str, float] = msgspec.field(default_factory=dict)

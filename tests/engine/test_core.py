@@ -19,6 +19,7 @@ from engine import (
     SqliteStore,
     StoreError,
     StopInstance,
+    op_from_dict,
 )
 from engine._store import SCHEMA_VERSION
 from engine._locks import LockManager, instance_lock, node_lock, normalise
@@ -67,6 +68,11 @@ async def test_invalid_operations_never_stored(store_path: Path, empty_transport
             await engine.submit(Noop(steps=-1))
         with pytest.raises(InvalidOperation, match="deadline"):
             await engine.submit(Noop(deadlines={"x": -1.0}))
+        # from outside (CLI, HTTP): a misspelt field is named, not silently dropped
+        with pytest.raises(InvalidOperation, match="unknown field `instanse`"):
+            op_from_dict({"kind": "stop-instance", "instanse": "web1"})
+        with pytest.raises(InvalidOperation, match=r"Expected `float`, got `str` - at `\$\.timeout`"):
+            op_from_dict({"kind": "stop-instance", "instance": "web1", "timeout": "soon"})
         assert await engine.list() == []
     conn = sqlite3.connect(store_path)
     try:
