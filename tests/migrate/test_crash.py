@@ -8,25 +8,20 @@ directories survive; the reopened engine's ``recover()`` reconciles.
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
-from anyio.streams.text import TextReceiveStream
 
 import hv
 from engine import AdminState, Engine, JobState
 from hv.fake import FakeHypervisor
+from tests.engine.test_crash import run_until_step
 
 from .conftest import MIB, spec
 
 pytestmark = pytest.mark.anyio
-
-REPO = Path(__file__).resolve().parents[2]
-
 
 def write_cluster(tmp: Path) -> Path:
     lines = ['[cluster]', 'name = "crash"', 'transport = "local"', 'hypervisor = "fake"']
@@ -36,37 +31,6 @@ def write_cluster(tmp: Path) -> Path:
     path = tmp / "cluster.toml"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
-
-
-async def run_until_step(store: Path, cluster: Path, op: dict[str, Any], step: str, log: Path) -> int:
-    """Start an engine process, submit ``op``, SIGKILL it once ``step`` has started."""
-    argv = [sys.executable, "-m", "tests.engine.engine_proc", "--store", str(store), "--cluster", str(cluster), "--submit", json.dumps(op)]
-    job_id = None
-    with open(log, "ab") as err:
-        async with await anyio.open_process(argv, cwd=REPO, stderr=err) as proc:
-            try:
-                assert proc.stdout is not None
-                buffer = ""
-                with anyio.fail_after(30):
-                    async for chunk in TextReceiveStream(proc.stdout):
-                        buffer += chunk
-                        *lines, buffer = buffer.split("\n")
-                        hit = False
-                        for line in lines:
-                            msg = json.loads(line)
-                            if "submitted" in msg:
-                                job_id = msg["submitted"]
-                            elif msg.get("kind") == "step-start" and msg["data"].get("step") == step:
-                                hit = True
-                            elif msg.get("kind") == "state" and msg["data"]["state"] in ("succeeded", "failed", "cancelled"):
-                                raise AssertionError(f"job ended before step {step!r}: {msg}")
-                        if hit:
-                            break
-            finally:
-                proc.kill()  # SIGKILL: no cleanup, no final writes
-                await proc.wait()
-    assert job_id is not None
-    return job_id
 
 
 # (step to kill at, faults per node that hold the step, expected job state, node web1 ends on)

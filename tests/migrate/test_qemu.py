@@ -140,7 +140,7 @@ async def test_real_non_converging_migration_hits_the_policy(kvm_engine, dirty_k
 async def test_engine_killed_mid_qemu_migration_recovers_from_qemu(tmp_path: Path, dirty_kernel: Path) -> None:
     """QEMU outlives a SIGKILLed engine and finishes the copy alone; the next engine settles it forward."""
     require_binary("qemu-system-x86_64", "qemu-system-x86")
-    from tests.migrate.test_crash import run_until_step
+    from tests.engine.test_crash import run_until_step
 
     # A downtime allowance above one pass's time: the copy converges ~4 s after it starts.
     hvparams = {"accel": ACCEL, "kernel_path": str(dirty_kernel), "migration_bandwidth": 64, "migration_downtime": 6000}
