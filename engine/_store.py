@@ -292,27 +292,27 @@ class SqliteStore(Store):
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` on the writer connection, in its worker thread."""
-        conn = self._conn
-        if conn is None:
-            raise StoreError(f"store {self.path} is not open")
-
-        def work() -> T:
-            with self._thread_lock:
-                return fn(conn)
-
-        return await anyio.to_thread.run_sync(work, limiter=self._limiter)
+        return await self._in_thread(self._conn, self._thread_lock, self._limiter, fn)
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run a read on the reader connection (WAL: it never waits for the writer)."""
-        conn = self._read_conn
+        return await self._in_thread(self._read_conn, self._read_thread_lock, self._read_limiter, fn)
+
+    async def _in_thread(
+        self,
+        conn: sqlite3.Connection | None,
+        lock: threading.Lock,
+        limiter: anyio.CapacityLimiter,
+        fn: Callable[[sqlite3.Connection], T],
+    ) -> T:
         if conn is None:
             raise StoreError(f"store {self.path} is not open")
 
         def work() -> T:
-            with self._read_thread_lock:
+            with lock:
                 return fn(conn)
 
-        return await anyio.to_thread.run_sync(work, limiter=self._read_limiter)
+        return await anyio.to_thread.run_sync(work, limiter=limiter)
 
     async def _txn(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` in a write transaction; return once it is committed.
