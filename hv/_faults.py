@@ -33,6 +33,20 @@ class Fault:
     def exhausted(self) -> bool:
         return self.times is not None and self.hits >= self.times
 
+    async def apply(self, method: str, *, node: str | None = None) -> None:
+        """Wait the delay (forever for a hang), then raise the error, if any."""
+        if self.delay:
+            if math.isinf(self.delay):
+                await anyio.sleep_forever()
+            await anyio.sleep(self.delay)
+        if self.error is not None:
+            error = self.error
+            if isinstance(error, str):
+                raise InjectedFault(f"injected fault in {method}: {error}", node=node)
+            if isinstance(error, HypervisorError) and node and error.node is None:
+                error.node = node
+            raise error
+
 
 @dataclass
 class Faults:
@@ -65,14 +79,4 @@ class Faults:
         if fault is None or fault.exhausted:
             return
         fault.hits += 1
-        if fault.delay:
-            if math.isinf(fault.delay):
-                await anyio.sleep_forever()
-            await anyio.sleep(fault.delay)
-        if fault.error is not None:
-            error = fault.error
-            if isinstance(error, str):
-                raise InjectedFault(f"injected fault in {method}: {error}", node=node)
-            if isinstance(error, HypervisorError) and node and error.node is None:
-                error.node = node
-            raise error
+        await fault.apply(method, node=node)

@@ -34,7 +34,7 @@ import msgspec
 from anyio.abc import ByteStream, TaskGroup
 
 from .. import params as _p
-from .._faults import Faults
+from .._faults import Fault, Faults
 from .._objects import (
     ConsoleInfo,
     Disk,
@@ -52,7 +52,6 @@ from .._progress import progress_sink, report_progress
 from ..base import BaseHypervisor
 from ..errors import (
     HypervisorError,
-    InjectedFault,
     InstanceNotFound,
     MigrationError,
     ParameterError,
@@ -343,12 +342,8 @@ class FakeHypervisor(BaseHypervisor):
             return  # a broken config.json: the call itself reports it
         if fault is None:
             return
-        if fault.hang:
-            await anyio.sleep_forever()
-        if fault.delay:
-            await anyio.sleep(fault.delay)
-        if fault.error is not None:
-            raise InjectedFault(f"injected fault in {method}: {fault.error}", node=self.node)
+        delay = math.inf if fault.hang else fault.delay
+        await Fault(error=fault.error, delay=delay).apply(method, node=self.node)
 
     def _err(self, cls: type[HypervisorError], msg: str) -> HypervisorError:
         return cls(msg, node=self.node)
