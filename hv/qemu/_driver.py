@@ -297,13 +297,13 @@ class QemuHypervisor(BaseHypervisor):
         if len(masks) > 1 and len(masks) != be.vcpus:
             raise self._err(
                 ParameterError,
-                f"instance {rt.name}: cpu_mask {hvp['cpu_mask']!r} has {len(masks)} entries for {be.vcpus} vCPUs",
+                f"instance {rt.name}: cpu_mask {_p.shorten(hvp['cpu_mask'])} has {len(masks)} entries for {be.vcpus} vCPUs",
             )
         if hvp["mem_path"] and os.path.getsize(hvp["mem_path"]) < be.maxmem * _MIB:
             raise self._err(ParameterError, f"instance {rt.name}: mem_path {hvp['mem_path']} is smaller than {be.maxmem} MiB")
         for d in rt.disks:
             if not _p.is_norm_abs_path(d.path) or not os.path.exists(d.path):
-                raise self._err(ParameterError, f"instance {rt.name}: disk {d.path!r} is not an existing absolute path")
+                raise self._err(ParameterError, f"instance {rt.name}: disk {_p.shorten(d.path)} is not an existing absolute path")
 
     @staticmethod
     def _tap_possible() -> bool:
@@ -342,14 +342,23 @@ class QemuHypervisor(BaseHypervisor):
                     raise self._err(HypervisorError, f"instance {rt.name}: cannot bring up {tap}: {res.stderr.decode(errors='replace').strip()}")
 
     async def _apply_cpu_mask(self, rt: Runtime) -> None:
+        """Pin QEMU's threads (one mask) or each vCPU thread (one mask per vCPU).
+
+        Masks stay ranges until here; each distinct one is expanded once, at
+        most :data:`hv.params.MAX_CPU_NUMBER` + 1 CPUs.
+        """
         masks = _p.parse_multi_cpu_mask(rt.hvparams["cpu_mask"] or "all")
         pid = self._pid(rt.name)
-        if pid is None or masks == [[_p.CPU_ALL]]:
+        if pid is None or all(_p.is_all_cpus(m) for m in masks):
             return
         all_cpus = os.sched_getaffinity(0)
+        expanded: dict[tuple[tuple[int, int], ...], set[int]] = {}
 
-        def cpus(mask: list[int]) -> set[int]:
-            return set(all_cpus) if mask == [_p.CPU_ALL] else set(mask)
+        def cpus(mask: list[tuple[int, int]]) -> set[int]:
+            key = tuple(mask)
+            if key not in expanded:
+                expanded[key] = set(all_cpus) if _p.is_all_cpus(mask) else _p.expand_cpu_ranges(mask)
+            return expanded[key]
 
         try:
             if len(masks) == 1:
@@ -360,7 +369,7 @@ class QemuHypervisor(BaseHypervisor):
                 for vcpu, mask in zip(sorted(vcpus, key=lambda c: c["cpu-index"]), masks):
                     os.sched_setaffinity(int(vcpu["thread-id"]), cpus(mask))
         except OSError as err:
-            raise self._err(HypervisorError, f"instance {rt.name}: cannot apply cpu_mask {rt.hvparams['cpu_mask']!r}: {err}") from err
+            raise self._err(HypervisorError, f"instance {rt.name}: cannot apply cpu_mask {_p.shorten(rt.hvparams['cpu_mask'])}: {err}") from err
 
     async def stop_instance(
         self,
@@ -748,7 +757,7 @@ class QemuHypervisor(BaseHypervisor):
         await self.faults.hit("migrate_instance", node=self.node)
         m = _TARGET.match(target or "")
         if m is None or not 0 < int(m.group(2)) <= 65535:
-            raise self._err(MigrationError, f"instance {instance.name}: bad migration target {target!r} (want tcp:HOST:PORT)")
+            raise self._err(MigrationError, f"instance {instance.name}: bad migration target {_p.shorten(target)} (want tcp:HOST:PORT)")
         name = instance.name
         async with self._lock(name):
             _, rt = self._live_runtime(name)
@@ -1002,7 +1011,7 @@ class QemuHypervisor(BaseHypervisor):
             else:
                 disk = device if isinstance(device, Disk) else msgspec.convert(device, Disk)
                 if not _p.is_norm_abs_path(disk.path) or not os.path.exists(disk.path):
-                    raise self._err(HotplugError, f"instance {name}: disk {disk.path!r} is not an existing absolute path")
+                    raise self._err(HotplugError, f"instance {name}: disk {_p.shorten(disk.path)} is not an existing absolute path")
                 backend = {"driver": rt.hvparams["disk_format"], "node-name": f"{dev_id}-blk", "read-only": disk.readonly,
                            "file": {"driver": "file", "filename": disk.path}}
                 hot = HotDevice(kind=kind, device_id=dev_id, backend_id=f"{dev_id}-blk", backend_option="-blockdev",
