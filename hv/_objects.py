@@ -110,7 +110,7 @@ class BeParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
                 unit = " MiB" if key != "vcpus" else ""
                 raise ParameterValueError(f"beparams {key!r} must be 1-{hi}{unit}, not {value}")
         if self.minmem > self.maxmem:
-            raise ParameterValueError(f"beparams 'minmem' ({self.minmem} MiB) is above 'maxmem' ({self.maxmem} MiB)")
+            raise ParameterValueError(f"beparams need minmem <= maxmem: 'minmem' ({self.minmem} MiB) is above 'maxmem' ({self.maxmem} MiB)")
 
     @classmethod
     def from_mapping(cls, data: Any, *, where: str = "") -> BeParams:
