@@ -22,6 +22,7 @@ import msgspec
 
 from .. import params as _p
 from .._faults import Faults
+from .._process import ExitStatus, become_subreaper, reap_orphaned_daemons
 from .._objects import (
     ConsoleInfo,
     Disk,
@@ -54,7 +55,6 @@ from ._runtime import (
     RunDir,
     Runtime,
     check_instance_name,
-    process_alive,
     process_is_ours,
     process_rss_mib,
     process_threads,
@@ -126,6 +126,9 @@ class QemuHypervisor(BaseHypervisor):
         if qmp_timeout <= 0 or start_timeout <= 0 or stop_grace <= 0:
             raise ParameterError("qmp_timeout, start_timeout and stop_grace must be positive", node=node)
         self.run_dir = RunDir(run_dir)
+        # The driver runs inside the node agent: QEMU daemonizes, so make the
+        # agent inherit (and reap) it instead of leaving zombies to pid 1.
+        become_subreaper()
         self.port_range = (lo, hi)
         self.listen_host = listen_host
         self.faults = faults or Faults()
@@ -163,11 +166,21 @@ class QemuHypervisor(BaseHypervisor):
         check_instance_name(name)
         return self.run_dir.pid(name)
 
+    def last_exit(self, name: str) -> ExitStatus | None:
+        """How ``name``'s QEMU ended, when this driver's process reaped it."""
+        check_instance_name(name)
+        return self.run_dir.last_exit(name)
+
+    def _ended(self, name: str) -> str:
+        """`` (QEMU pid N killed by signal 9 (SIGKILL))`` when we know how it ended, else ``""``."""
+        status = self.run_dir.last_exit(name)
+        return f" (QEMU pid {status.pid} {status})" if status is not None else ""
+
     def _live_runtime(self, name: str) -> tuple[int, Runtime]:
         pid = self._pid(name)
         rt = self.run_dir.read_runtime(name) if pid else None
         if pid is None or rt is None:
-            raise self._err(InstanceNotFound, f"instance {name} is not running on this node")
+            raise self._err(InstanceNotFound, f"instance {name} is not running on this node{self._ended(name)}")
         return pid, rt
 
     async def _qmp(self, name: str, cmd: str, args: Mapping[str, Any] | None = None, **kw: Any) -> Any:
@@ -274,11 +287,13 @@ class QemuHypervisor(BaseHypervisor):
                 raise self._err(HypervisorTimeout, f"instance {name}: QEMU did not start within {self.start_timeout}s") from err
             except OSError as err:
                 raise self._err(HypervisorError, f"instance {name}: cannot run {rt.argv[0]}: {err}") from err
+            self.run_dir.adopt(name)
+            reap_orphaned_daemons(os.path.basename(rt.argv[0]))  # -daemonize's middle process
             if res.returncode != 0:
                 text = (res.stderr or res.stdout).decode(errors="replace").strip()
                 raise self._err(HypervisorError, f"instance {name}: QEMU failed to start (exit {res.returncode}): {text}")
             if self._pid(name) is None:
-                raise self._err(HypervisorError, f"instance {name}: QEMU exited right after starting")
+                raise self._err(HypervisorError, f"instance {name}: QEMU exited right after starting{self._ended(name)}")
             await self._monitor(name).connect()
             await self._apply_cpu_mask(rt)
             if not incoming:
@@ -410,7 +425,7 @@ class QemuHypervisor(BaseHypervisor):
                 pass  # a monitor that does not answer: the next stage will do
             except ProcessLookupError:
                 pass
-            gone = await self._wait_gone(pid, grace - (anyio.current_time() - began), pidfile)
+            gone = await self._wait_gone(name, pid, grace - (anyio.current_time() - began))
             stages.append(StageTiming(stage=stage, seconds=round(anyio.current_time() - began, 4), ended_it=gone))
             return gone
 
@@ -439,12 +454,11 @@ class QemuHypervisor(BaseHypervisor):
                 return StopResult(name=name, stage=stage, stages=tuple(stages))
         raise self._err(HypervisorError, f"instance {name} (pid {pid}) survived SIGKILL: {stages}")
 
-    @staticmethod
-    async def _wait_gone(pid: int, seconds: float, pidfile: str) -> bool:
-        """Watch an external process until it exits or ``seconds`` pass."""
+    async def _wait_gone(self, name: str, pid: int, seconds: float) -> bool:
+        """Watch ``name``'s QEMU until it exits (reaped, if ours) or ``seconds`` pass."""
 
         def alive() -> bool:
-            return process_alive(pid) and process_is_ours(pid, pidfile)
+            return self.run_dir.alive(name, pid)
 
         with anyio.move_on_after(max(0.0, seconds)):
             while alive():
@@ -472,13 +486,13 @@ class QemuHypervisor(BaseHypervisor):
                     await self._qmp(name, "quit", timeout=1.0)
                 except HypervisorError:
                     pass
-            if not await self._wait_gone(pid, 1.0, pidfile):
+            if not await self._wait_gone(name, pid, 1.0):
                 try:
                     if process_is_ours(pid, pidfile):
                         os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-                await self._wait_gone(pid, self.stop_grace, pidfile)
+                await self._wait_gone(name, pid, self.stop_grace)
         await self._clean(name)
 
     async def cleanup_instance(self, instance_name: str) -> None:
