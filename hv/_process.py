@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Container
 from typing import NamedTuple
 
 log = logging.getLogger("hv.process")
@@ -144,18 +145,21 @@ def _child_pids() -> list[int]:
     return sorted(pids)
 
 
-def reap_orphaned_daemons(comm: str) -> list[ExitStatus]:
-    """Reap ended children named ``comm`` that were session leaders: daemonized orphans.
+def reap_orphaned_daemons(comm: str, exclude: Container[int] = ()) -> list[ExitStatus]:
+    """Reap ended children named ``comm`` that live in another session: daemonized orphans.
 
-    A ``-daemonize`` QEMU's middle process calls ``setsid`` and exits; as a
-    subreaper we inherit it as a zombie. Children we spawn ourselves
-    (asyncio's) never lead a session named ``comm``, so their exit status is
-    left to their watcher.
+    ``-daemonize`` QEMU forks, calls ``setsid`` and forks again: as a
+    subreaper we inherit the middle process (always, it exits at once) and a
+    daemon that failed before writing its pidfile, both as zombies in their
+    own session. Children we spawn ourselves (asyncio's) stay in our session,
+    so their exit status is left to their watcher; pids in ``exclude`` (the
+    daemons whose exit the caller reports itself) are left too.
     """
+    ours = os.getsid(0)
     reaped = []
     for pid in _child_pids():
         st = proc_state(pid)
-        if st is None or st.state != "Z" or st.comm != comm[:15] or st.session != pid:
+        if pid in exclude or st is None or st.state != "Z" or st.comm != comm[:15] or st.session == ours:
             continue
         status = reap(pid)
         if status is not None:

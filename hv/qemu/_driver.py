@@ -8,6 +8,7 @@ a timeout on every command.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -60,6 +61,8 @@ from ._runtime import (
     process_threads,
     process_uptime,
 )
+
+log = logging.getLogger("hv.qemu")
 
 #: QEMU runstate → what the interface reports.
 RUNSTATE_MAP: dict[str, HvInstanceState] = {
@@ -141,6 +144,7 @@ class QemuHypervisor(BaseHypervisor):
         self._next_port = lo
         self._next_tap = 0
         self._version_cache: dict[str, tuple[str, tuple[int, int, int]]] = {}
+        self._binaries: set[str] = {os.path.basename(_params.DEFAULTS["qemu_binary"])}
 
     # --- small helpers ------------------------------------------------------
 
@@ -175,6 +179,16 @@ class QemuHypervisor(BaseHypervisor):
         """`` (QEMU pid N killed by signal 9 (SIGKILL))`` when we know how it ended, else ``""``."""
         status = self.run_dir.last_exit(name)
         return f" (QEMU pid {status.pid} {status})" if status is not None else ""
+
+    def _reap_daemon_leftovers(self, binary: str | None = None) -> None:
+        """Reap -daemonize's exited middle processes (and daemons that failed to start)."""
+        names = {os.path.basename(binary)} if binary else set(self._binaries)
+        if binary:
+            self._binaries.add(os.path.basename(binary))
+        for comm in names:
+            for status in reap_orphaned_daemons(comm, exclude=self.run_dir.watched_pids()):
+                if status.code not in (0, None) or status.signal is not None:
+                    log.info("reaped a daemonizing %s (pid %d) that %s", comm, status.pid, status)
 
     def _live_runtime(self, name: str) -> tuple[int, Runtime]:
         pid = self._pid(name)
@@ -288,7 +302,7 @@ class QemuHypervisor(BaseHypervisor):
             except OSError as err:
                 raise self._err(HypervisorError, f"instance {name}: cannot run {rt.argv[0]}: {err}") from err
             self.run_dir.adopt(name)
-            reap_orphaned_daemons(os.path.basename(rt.argv[0]))  # -daemonize's middle process
+            self._reap_daemon_leftovers(rt.argv[0])
             if res.returncode != 0:
                 text = (res.stderr or res.stdout).decode(errors="replace").strip()
                 raise self._err(HypervisorError, f"instance {name}: QEMU failed to start (exit {res.returncode}): {text}")
@@ -522,6 +536,7 @@ class QemuHypervisor(BaseHypervisor):
     async def list_instances(self, hvparams: Mapping[str, Any] | None = None) -> list[str]:
         """Names of instances whose QEMU process is alive on this node."""
         await self.faults.hit("list_instances", node=self.node)
+        self._reap_daemon_leftovers()
         return [n for n in self.run_dir.names() if self.run_dir.pid(n) is not None]
 
     async def get_instance_info(
@@ -561,6 +576,7 @@ class QemuHypervisor(BaseHypervisor):
 
     async def get_all_instances_info(self, hvparams: Mapping[str, Any] | None = None) -> list[InstanceInfo]:
         await self.faults.hit("get_all_instances_info", node=self.node)
+        self._reap_daemon_leftovers()
         result = []
         for name in self.run_dir.names():
             info = await self._info(name)

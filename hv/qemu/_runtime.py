@@ -172,7 +172,10 @@ class RunDir:
         """The live QEMU process of ``name``, or None (a dead one we started is reaped)."""
         pid = self._pidfile_pid(name)
         if pid is None:
-            return None
+            # QEMU removes its pidfile when it exits cleanly: still reap it.
+            pid = _STARTED.get(str(self.pidfile(name)))
+            if pid is None:
+                return None
         return pid if self.alive(name, pid) else None
 
     def adopt(self, name: str) -> int | None:
@@ -209,6 +212,11 @@ class RunDir:
         _EXITS[key] = status
         log.info("instance %s: QEMU (pid %d) %s", name, pid, status)
         return False
+
+    @staticmethod
+    def watched_pids() -> set[int]:
+        """Pids of the QEMUs this process reaps through :meth:`alive` (whatever the run dir)."""
+        return set(_STARTED.values())
 
     def last_exit(self, name: str) -> ExitStatus | None:
         """How ``name``'s QEMU ended, if this process reaped it (until it is started again)."""
