@@ -329,7 +329,7 @@ class QemuHypervisor(BaseHypervisor):
                 f"instance {rt.name}: cpu_mask {_p.shorten(hvp['cpu_mask'])} has {len(masks)} entries for {be.vcpus} vCPUs",
             )
         if hvp["mem_path"] and os.path.getsize(hvp["mem_path"]) < be.maxmem * _MIB:
-            raise self._err(ParameterError, f"instance {rt.name}: mem_path {hvp['mem_path']} is smaller than {be.maxmem} MiB")
+            raise self._err(ParameterError, f"instance {rt.name}: mem_path {_p.shorten(hvp['mem_path'])} is smaller than {be.maxmem} MiB")
         for d in rt.disks:
             if not _p.is_norm_abs_path(d.path) or not os.path.exists(d.path):
                 raise self._err(ParameterError, f"instance {rt.name}: disk {_p.shorten(d.path)} is not an existing absolute path")

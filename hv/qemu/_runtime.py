@@ -191,9 +191,10 @@ class RunDir:
 
         A QEMU this process started (or saw running) is our child (we are its
         subreaper): once it has ended it is reaped here and its exit status
-        kept. A zombie whose other threads are still exiting cannot be reaped
-        yet and counts as alive for those few moments, so "gone" always means
-        "reaped, status known" for our own QEMUs.
+        kept. One that is still exiting (cmdline already empty, or a zombie
+        whose other threads are not done) cannot be reaped yet and counts as
+        alive for those few moments, so "gone" always means "reaped, status
+        known" for our own QEMUs.
         """
         key = str(self.pidfile(name))
         if process_alive(pid) and process_is_ours(pid, key):
@@ -207,7 +208,9 @@ class RunDir:
             return False
         status = reap(pid)
         if status is None:
-            return st.state == "Z"  # still exiting (threads), reaped on a later look
+            # Still exiting: its memory (so its cmdline) may already be gone, or it
+            # is a zombie whose other threads are not done. Gone means reaped.
+            return True
         del _STARTED[key]
         _EXITS[key] = status
         log.info("instance %s: QEMU (pid %d) %s", name, pid, status)
