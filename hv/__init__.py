@@ -42,6 +42,7 @@ from .errors import (
     InstanceNotFound,
     MigrationError,
     ParameterError,
+    ParameterValueError,
     ParseError,
 )
 
@@ -100,6 +101,7 @@ __all__ = [
     "NicMode",
     "NodeInfo",
     "ParameterError",
+    "ParameterValueError",
     "ParseError",
     "StageTiming",
     "StopResult",

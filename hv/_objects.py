@@ -8,9 +8,12 @@ MiB; migration RAM figures are bytes (QEMU's unit), so progress is exact.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from typing import Any
 
 import msgspec
+
+from .errors import ParameterError, ParameterValueError
 
 
 class HvInstanceState(str, enum.Enum):
@@ -80,12 +83,49 @@ class Disk(msgspec.Struct, frozen=True, kw_only=True):
     readonly: bool = False
 
 
-class BeParams(msgspec.Struct, frozen=True, kw_only=True):
-    """Backend parameters: memory in MiB, vCPU count."""
+#: The largest memory figure (MiB) an instance may have: 16 TiB.
+MAX_MEMORY_MIB = 16 * 1024 * 1024
+#: The most vCPUs an instance may have (Linux's largest NR_CPUS).
+MAX_VCPUS = 8192
+
+
+class BeParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Backend parameters: memory in MiB, vCPU count.
+
+    Checked whenever built or decoded: ``0 < minmem <= maxmem <=``
+    :data:`MAX_MEMORY_MIB`, ``1 <= vcpus <=`` :data:`MAX_VCPUS`, integers
+    only; an unknown key is refused.
+    """
 
     minmem: int = 128
     maxmem: int = 128
     vcpus: int = 1
+
+    def __post_init__(self) -> None:
+        for key, hi in (("minmem", MAX_MEMORY_MIB), ("maxmem", MAX_MEMORY_MIB), ("vcpus", MAX_VCPUS)):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ParameterValueError(f"beparams {key!r} must be an integer, not {type(value).__name__}")
+            if not 1 <= value <= hi:
+                unit = " MiB" if key != "vcpus" else ""
+                raise ParameterValueError(f"beparams {key!r} must be 1-{hi}{unit}, not {value}")
+        if self.minmem > self.maxmem:
+            raise ParameterValueError(f"beparams need minmem <= maxmem: 'minmem' ({self.minmem} MiB) is above 'maxmem' ({self.maxmem} MiB)")
+
+    @classmethod
+    def from_mapping(cls, data: Any, *, where: str = "") -> BeParams:
+        """Decode ``data`` (a dict); a bad key or value raises ParameterError naming it (and ``where``)."""
+        at = f"{where}: " if where else ""
+        if not isinstance(data, Mapping):
+            raise ParameterError(f"{at}beparams must be a mapping, not {type(data).__name__}")
+        unknown = [k for k in data if k not in cls.__struct_fields__]
+        if unknown:
+            known = ", ".join(cls.__struct_fields__)
+            raise ParameterError(f"{at}beparams: unknown key {str(unknown[0])[:80]!r} (known: {known})")
+        try:
+            return msgspec.convert(dict(data), cls)
+        except msgspec.ValidationError as err:
+            raise ParameterError(f"{at}{err}" if "beparams" in str(err) else f"{at}beparams: {err}") from err
 
 
 class Instance(msgspec.Struct, frozen=True, kw_only=True):

@@ -30,6 +30,14 @@ class ParameterError(HypervisorError):
     """A hypervisor parameter failed a syntax or validity check."""
 
 
+class ParameterValueError(ParameterError, ValueError):
+    """A parameter value out of its range, raised while an object is built.
+
+    Also a ValueError, so that msgspec reports it (with the field's path) as a
+    ValidationError when the object is decoded from a dict or JSON.
+    """
+
+
 class ParseError(HypervisorError, ValueError):
     """A CPU mask (or similar compact notation) could not be parsed."""
 
@@ -57,6 +65,7 @@ ERROR_CLASSES: dict[str, type[HypervisorError]] = {
         HypervisorError,
         HotplugError,
         ParameterError,
+        ParameterValueError,
         ParseError,
         HypervisorTimeout,
         InstanceNotFound,

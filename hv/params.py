@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
-from .errors import ParameterError, ParseError
+from .errors import HypervisorError, ParameterError, ParseError
 
 #: The value a multi CPU mask uses for "all CPUs".
 CPU_ALL = -1
@@ -32,75 +32,191 @@ class Check(NamedTuple):
 
 # --- CPU masks ---------------------------------------------------------------
 
-_RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+#: The highest CPU number a mask may name anywhere: Linux's largest NR_CPUS is
+#: 8192 (CPUs 0-8191). Checked at syntax time, so a mask's size is bounded
+#: before the node compares it with its own CPUs.
+MAX_CPU_NUMBER = 8191
+#: The longest mask string looked at (a mask naming each of 8192 CPUs, one
+#: entry per vCPU, fits many times over); longer is refused unread.
+MAX_CPU_MASK_CHARS = 1 << 18
+#: Where the node reads which CPU numbers it can ever have.
+POSSIBLE_CPUS_FILE = "/sys/devices/system/cpu/possible"
+
+#: A closed range of CPU numbers ``(lo, hi)``; one CPU is ``(n, n)``.
+CpuRange = tuple[int, int]
+#: What a multi mask's ``all`` entry parses to.
+ALL_CPUS: tuple[CpuRange, ...] = ((CPU_ALL, CPU_ALL),)
+
+_DIGITS = frozenset("0123456789")
+_BLANKS = " \t"
 
 
-def parse_cpu_mask(mask: str) -> list[int]:
-    """Parse ``"0-2,5"`` into ``[0, 1, 2, 5]``; ``""`` is ``[]``.
+def shorten(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, naming the full length when cut."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f" ({len(value)} chars)" if isinstance(value, (str, bytes)) else ""
+    return f"{text[:limit]}...{size}"
 
-    Raises :class:`ParseError` for reversed ranges, negatives and junk.
+
+def _element(part: str, mask: str) -> str:
+    """``'PART' in 'MASK'`` for messages, each cut short; just the mask when they are the same."""
+    if part.strip(_BLANKS) == mask.strip(_BLANKS):
+        return shorten(mask)
+    return f"{shorten(part)} in {shorten(mask)}"
+
+
+def _cpu_number(text: str, part: str, mask: str) -> int:
+    """One CPU number: ASCII digits only, at most :data:`MAX_CPU_NUMBER`."""
+    text = text.strip(_BLANKS)
+    if not text:
+        raise ParseError(f"invalid CPU mask element {_element(part, mask)}: a CPU number is missing")
+    for ch in text:
+        if ch not in _DIGITS:
+            what = f"non-ASCII character {ch!r} (U+{ord(ch):04X})" if not ch.isascii() else f"character {ch!r}"
+            raise ParseError(f"invalid CPU mask element {_element(part, mask)}: {what} is not a digit 0-9")
+    if len(text) > len(str(MAX_CPU_NUMBER)) + 4 or int(text) > MAX_CPU_NUMBER:
+        raise ParseError(f"CPU {shorten(text, 20)} in {_element(part, mask)} is above the maximum CPU number {MAX_CPU_NUMBER}")
+    return int(text)
+
+
+def _check_mask_string(mask: Any) -> str:
+    if not isinstance(mask, str):
+        raise ParseError(f"CPU mask must be a string, not {type(mask).__name__}: {shorten(mask)}")
+    if len(mask) > MAX_CPU_MASK_CHARS:
+        raise ParseError(f"CPU mask is {len(mask)} characters long, more than the {MAX_CPU_MASK_CHARS} allowed")
+    return mask
+
+
+def parse_cpu_mask(mask: str) -> list[CpuRange]:
+    """Parse ``"0-2,5"`` into ranges ``[(0, 2), (5, 5)]`` (never expanded); ``""`` is ``[]``.
+
+    CPU numbers are ASCII digits in 0..:data:`MAX_CPU_NUMBER`. Raises
+    :class:`ParseError` for reversed ranges, negatives, other digits and junk.
     """
-    if not isinstance(mask, str):
-        raise ParseError(f"CPU mask must be a string, not {type(mask).__name__}: {mask!r}")
-    if not mask.strip():
+    _check_mask_string(mask)
+    if not mask.strip(_BLANKS):
         return []
-    cpus: list[int] = []
+    ranges: list[CpuRange] = []
     for part in mask.split(","):
-        match = _RANGE.match(part)
-        if match is None:
-            raise ParseError(f"invalid CPU mask element {part!r} in {mask!r}")
-        lo = int(match.group(1))
-        hi = int(match.group(2)) if match.group(2) is not None else lo
+        lo_text, dash, hi_text = part.partition("-")
+        lo = _cpu_number(lo_text, part, mask)
+        hi = _cpu_number(hi_text, part, mask) if dash else lo
         if hi < lo:
-            raise ParseError(f"reversed CPU range {part.strip()!r} in {mask!r}")
-        cpus.extend(range(lo, hi + 1))
-    return cpus
+            raise ParseError(f"reversed CPU range {_element(part, mask)}")
+        ranges.append((lo, hi))
+    return ranges
 
 
-def parse_multi_cpu_mask(mask: str) -> list[list[int]]:
-    """Parse ``"0-2,5:all:1,5,6:2"`` into ``[[0,1,2,5], [-1], [1,5,6], [2]]``."""
-    if not isinstance(mask, str):
-        raise ParseError(f"CPU mask must be a string, not {type(mask).__name__}: {mask!r}")
-    result: list[list[int]] = []
+def parse_multi_cpu_mask(mask: str) -> list[list[CpuRange]]:
+    """Parse ``"0-2,5:all:1"`` into ``[[(0, 2), (5, 5)], [ALL], [(1, 1)]]`` (``ALL`` = ``(CPU_ALL, CPU_ALL)``).
+
+    ``""`` is ``[]`` (an unset multi mask, as Ganeti's ``ParseMultiCpuMask``);
+    an empty entry between colons is an error.
+    """
+    _check_mask_string(mask)
+    if not mask.strip(_BLANKS):
+        return []
+    result: list[list[CpuRange]] = []
     for part in mask.split(":"):
-        if part.strip().lower() == "all":
-            result.append([CPU_ALL])
+        if part.strip(_BLANKS).lower() == "all":
+            result.append(list(ALL_CPUS))
             continue
-        cpus = parse_cpu_mask(part)
-        if not cpus:
-            raise ParseError(f"empty CPU mask element in {mask!r}")
-        result.append(cpus)
+        ranges = parse_cpu_mask(part)
+        if not ranges:
+            raise ParseError(f"empty CPU mask element in {shorten(mask)}")
+        result.append(ranges)
     return result
+
+
+def is_all_cpus(ranges: Iterable[CpuRange]) -> bool:
+    """True for a multi mask's ``all`` entry."""
+    return tuple(ranges) == ALL_CPUS
+
+
+def merge_cpu_ranges(ranges: Iterable[CpuRange]) -> list[CpuRange]:
+    """Sorted, non-overlapping, non-adjacent ranges covering the same CPUs."""
+    merged: list[CpuRange] = []
+    for lo, hi in sorted(ranges):
+        if merged and lo <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+        else:
+            merged.append((lo, hi))
+    return merged
+
+
+def cpu_mask_size(ranges: Iterable[CpuRange]) -> int:
+    """How many distinct CPUs ``ranges`` name (computed, not expanded)."""
+    return sum(hi - lo + 1 for lo, hi in merge_cpu_ranges(ranges))
+
+
+def expand_cpu_ranges(ranges: Iterable[CpuRange], limit: int = MAX_CPU_NUMBER + 1) -> set[int]:
+    """The CPU numbers of ``ranges`` as a set, refusing more than ``limit`` of them."""
+    merged = merge_cpu_ranges(ranges)
+    size = sum(hi - lo + 1 for lo, hi in merged)
+    if size > limit:
+        raise ParseError(f"CPU mask {format_cpu_ranges(merged)!r} names {size} CPUs, more than {limit}")
+    return {cpu for lo, hi in merged for cpu in range(lo, hi + 1)}
+
+
+def format_cpu_ranges(ranges: Iterable[CpuRange]) -> str:
+    """The compact form of ranges (merged): ``[(0, 2), (3, 3), (7, 7)]`` → ``"0-3,7"``."""
+    return ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in merge_cpu_ranges(ranges))
 
 
 def format_cpu_mask(cpus: Iterable[int]) -> str:
     """The compact form of a CPU list (inverse of :func:`parse_cpu_mask`)."""
-    ordered = sorted(set(cpus))
-    parts: list[str] = []
-    i = 0
-    while i < len(ordered):
-        j = i
-        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
-            j += 1
-        parts.append(str(ordered[i]) if i == j else f"{ordered[i]}-{ordered[j]}")
-        i = j + 1
-    return ",".join(parts)
+    return format_cpu_ranges((c, c) for c in cpus)
 
 
-def _is_cpu_mask_well_formed(mask: Any) -> bool:
-    if isinstance(mask, str) and mask.strip().lower() == "all":
+def node_possible_cpus(path: str = POSSIBLE_CPUS_FILE) -> list[CpuRange]:
+    """The CPU numbers this node can have: ``path`` (Linux), else ``os.cpu_count()``."""
+    try:
+        with open(path, encoding="ascii") as fh:
+            ranges = parse_cpu_mask(fh.read().strip())
+        if ranges:
+            return merge_cpu_ranges(ranges)
+    except (OSError, UnicodeDecodeError, ParseError):
+        pass
+    return [(0, max(1, os.cpu_count() or 1) - 1)]
+
+
+def check_cpus_on_node(ranges: Iterable[CpuRange], possible: list[CpuRange] | None = None) -> None:
+    """Raise :class:`ParseError` naming the first CPU of ``ranges`` this node cannot have."""
+    possible = merge_cpu_ranges(possible if possible is not None else node_possible_cpus())
+    for lo, hi in merge_cpu_ranges(r for r in ranges if r != (CPU_ALL, CPU_ALL)):
+        cpu = lo
+        while cpu <= hi:
+            span = next(((a, b) for a, b in possible if a <= cpu <= b), None)
+            if span is None:
+                raise ParseError(f"CPU {cpu} is beyond this node's CPUs {format_cpu_ranges(possible)}")
+            cpu = span[1] + 1
+
+
+def _cpu_mask_well_formed(mask: Any) -> bool:
+    """Syntax: ``all`` or a non-empty mask (raises ParseError saying why not)."""
+    if isinstance(mask, str) and mask.strip(_BLANKS).lower() == "all":
         return True
-    try:
-        return len(parse_cpu_mask(mask)) > 0
-    except ParseError:
-        return False
+    if not parse_cpu_mask(mask):
+        raise ParseError("the CPU mask is empty")
+    return True
 
 
-def _is_multi_cpu_mask_well_formed(mask: Any) -> bool:
-    try:
-        parse_multi_cpu_mask(mask)
-    except ParseError:
-        return False
+def _multi_cpu_mask_well_formed(mask: Any) -> bool:
+    parse_multi_cpu_mask(mask)
+    return True
+
+
+def _cpu_mask_on_node(mask: Any) -> bool:
+    if isinstance(mask, str) and mask.strip(_BLANKS).lower() == "all":
+        return True
+    check_cpus_on_node(parse_cpu_mask(mask))
+    return True
+
+
+def _multi_cpu_mask_on_node(mask: Any) -> bool:
+    check_cpus_on_node(r for entry in parse_multi_cpu_mask(mask) for r in entry)
     return True
 
 
@@ -133,8 +249,13 @@ _FILE_OR_URL_CHECK = (
     "not found or not a file or URL",
 )
 _DIR_CHECK = (is_norm_abs_path, "must be an absolute normalized path", os.path.isdir, "not found or not a directory")
-_CPU_MASK_CHECK = (_is_cpu_mask_well_formed, "CPU mask definition is not well-formed", None, None)
-_MULTI_CPU_MASK_CHECK = (_is_multi_cpu_mask_well_formed, "Multiple CPU mask definition is not well-formed", None, None)
+_CPU_MASK_CHECK = (_cpu_mask_well_formed, "CPU mask definition is not well-formed", _cpu_mask_on_node, "CPU mask does not fit this node")
+_MULTI_CPU_MASK_CHECK = (
+    _multi_cpu_mask_well_formed,
+    "Multiple CPU mask definition is not well-formed",
+    _multi_cpu_mask_on_node,
+    "CPU mask does not fit this node",
+)
 # The seed used 0 < x < 65535 and so rejected the valid port 65535.
 _NET_PORT_CHECK = (lambda x: _is_int(x) and 0 < x <= 65535, "invalid port number (1-65535)", None, None)
 _VIRTIO_NET_QUEUES_CHECK = (lambda x: _is_int(x) and 0 < x < 9, "invalid number of queues (1-8)", None, None)
@@ -190,11 +311,14 @@ def is_unspecified(value: Any) -> bool:
     return value is None or (isinstance(value, str) and value == "")
 
 
-def _run(fn: Callable[[Any], bool], value: Any) -> bool:
+def _run(fn: Callable[[Any], bool], value: Any) -> tuple[bool, str]:
+    """(passed, why not): a check may raise a HypervisorError whose message says why."""
     try:
-        return bool(fn(value))
+        return bool(fn(value)), ""
+    except HypervisorError as err:
+        return False, err.message
     except Exception:  # a check that cannot even look at the value fails it
-        return False
+        return False, ""
 
 
 def check_syntax(parameters: Mapping[str, Check | tuple], hvparams: Mapping[str, Any], *, hypervisor: str = "") -> None:
@@ -205,7 +329,7 @@ def check_syntax(parameters: Mapping[str, Check | tuple], hvparams: Mapping[str,
     for key in hvparams:
         if key not in parameters:
             known = ", ".join(sorted(parameters)) or "none"
-            raise ParameterError(f"Parameter {key!r} is not supported{where} (value: {hvparams[key]!r}; known: {known})")
+            raise ParameterError(f"Parameter {shorten(key)} is not supported{where} (value: {shorten(hvparams[key])}; known: {known})")
     for name, check in parameters.items():
         required, syntax_fn, syntax_msg, _, _ = check
         if name not in hvparams:
@@ -213,10 +337,13 @@ def check_syntax(parameters: Mapping[str, Check | tuple], hvparams: Mapping[str,
         value = hvparams[name]
         if is_unspecified(value):
             if required:
-                raise ParameterError(f"Parameter {name!r} is required but is not defined{where} (value: {value!r})")
+                raise ParameterError(f"Parameter {name!r} is required but is not defined{where} (value: {shorten(value)})")
             continue
-        if syntax_fn is not None and not _run(syntax_fn, value):
-            raise ParameterError(f"Parameter {name!r} fails syntax check: {syntax_msg} (value: {value!r}){where}")
+        if syntax_fn is not None:
+            ok, why = _run(syntax_fn, value)
+            if not ok:
+                detail = f": {why}" if why else ""
+                raise ParameterError(f"Parameter {name!r} fails syntax check: {syntax_msg}{detail} (value: {shorten(value)}){where}")
 
 
 def check_validity(parameters: Mapping[str, Check | tuple], hvparams: Mapping[str, Any], *, hypervisor: str = "") -> None:
@@ -229,7 +356,10 @@ def check_validity(parameters: Mapping[str, Check | tuple], hvparams: Mapping[st
         value = hvparams[name]
         if is_unspecified(value):
             if required:
-                raise ParameterError(f"Parameter {name!r} is required but is not defined{where} (value: {value!r})")
+                raise ParameterError(f"Parameter {name!r} is required but is not defined{where} (value: {shorten(value)})")
             continue
-        if validity_fn is not None and not _run(validity_fn, value):
-            raise ParameterError(f"Parameter {name!r} fails validation: {validity_msg} (value: {value!r}){where}")
+        if validity_fn is not None:
+            ok, why = _run(validity_fn, value)
+            if not ok:
+                detail = f": {why}" if why else ""
+                raise ParameterError(f"Parameter {name!r} fails validation: {validity_msg}{detail} (value: {shorten(value)}){where}")

@@ -8,6 +8,7 @@ a timeout on every command.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -22,6 +23,7 @@ import msgspec
 
 from .. import params as _p
 from .._faults import Faults
+from .._process import ExitStatus, become_subreaper, reap_orphaned_daemons
 from .._objects import (
     ConsoleInfo,
     Disk,
@@ -54,12 +56,13 @@ from ._runtime import (
     RunDir,
     Runtime,
     check_instance_name,
-    process_alive,
     process_is_ours,
     process_rss_mib,
     process_threads,
     process_uptime,
 )
+
+log = logging.getLogger("hv.qemu")
 
 #: QEMU runstate → what the interface reports.
 RUNSTATE_MAP: dict[str, HvInstanceState] = {
@@ -126,6 +129,9 @@ class QemuHypervisor(BaseHypervisor):
         if qmp_timeout <= 0 or start_timeout <= 0 or stop_grace <= 0:
             raise ParameterError("qmp_timeout, start_timeout and stop_grace must be positive", node=node)
         self.run_dir = RunDir(run_dir)
+        # The driver runs inside the node agent: QEMU daemonizes, so make the
+        # agent inherit (and reap) it instead of leaving zombies to pid 1.
+        become_subreaper()
         self.port_range = (lo, hi)
         self.listen_host = listen_host
         self.faults = faults or Faults()
@@ -138,6 +144,7 @@ class QemuHypervisor(BaseHypervisor):
         self._next_port = lo
         self._next_tap = 0
         self._version_cache: dict[str, tuple[str, tuple[int, int, int]]] = {}
+        self._binaries: set[str] = {os.path.basename(_params.DEFAULTS["qemu_binary"])}
 
     # --- small helpers ------------------------------------------------------
 
@@ -163,11 +170,31 @@ class QemuHypervisor(BaseHypervisor):
         check_instance_name(name)
         return self.run_dir.pid(name)
 
+    def last_exit(self, name: str) -> ExitStatus | None:
+        """How ``name``'s QEMU ended, when this driver's process reaped it."""
+        check_instance_name(name)
+        return self.run_dir.last_exit(name)
+
+    def _ended(self, name: str) -> str:
+        """`` (QEMU pid N killed by signal 9 (SIGKILL))`` when we know how it ended, else ``""``."""
+        status = self.run_dir.last_exit(name)
+        return f" (QEMU pid {status.pid} {status})" if status is not None else ""
+
+    def _reap_daemon_leftovers(self, binary: str | None = None) -> None:
+        """Reap -daemonize's exited middle processes (and daemons that failed to start)."""
+        names = {os.path.basename(binary)} if binary else set(self._binaries)
+        if binary:
+            self._binaries.add(os.path.basename(binary))
+        for comm in names:
+            for status in reap_orphaned_daemons(comm, exclude=self.run_dir.watched_pids()):
+                if status.code not in (0, None) or status.signal is not None:
+                    log.info("reaped a daemonizing %s (pid %d) that %s", comm, status.pid, status)
+
     def _live_runtime(self, name: str) -> tuple[int, Runtime]:
         pid = self._pid(name)
         rt = self.run_dir.read_runtime(name) if pid else None
         if pid is None or rt is None:
-            raise self._err(InstanceNotFound, f"instance {name} is not running on this node")
+            raise self._err(InstanceNotFound, f"instance {name} is not running on this node{self._ended(name)}")
         return pid, rt
 
     async def _qmp(self, name: str, cmd: str, args: Mapping[str, Any] | None = None, **kw: Any) -> Any:
@@ -274,11 +301,13 @@ class QemuHypervisor(BaseHypervisor):
                 raise self._err(HypervisorTimeout, f"instance {name}: QEMU did not start within {self.start_timeout}s") from err
             except OSError as err:
                 raise self._err(HypervisorError, f"instance {name}: cannot run {rt.argv[0]}: {err}") from err
+            self.run_dir.adopt(name)
+            self._reap_daemon_leftovers(rt.argv[0])
             if res.returncode != 0:
                 text = (res.stderr or res.stdout).decode(errors="replace").strip()
                 raise self._err(HypervisorError, f"instance {name}: QEMU failed to start (exit {res.returncode}): {text}")
             if self._pid(name) is None:
-                raise self._err(HypervisorError, f"instance {name}: QEMU exited right after starting")
+                raise self._err(HypervisorError, f"instance {name}: QEMU exited right after starting{self._ended(name)}")
             await self._monitor(name).connect()
             await self._apply_cpu_mask(rt)
             if not incoming:
@@ -297,13 +326,13 @@ class QemuHypervisor(BaseHypervisor):
         if len(masks) > 1 and len(masks) != be.vcpus:
             raise self._err(
                 ParameterError,
-                f"instance {rt.name}: cpu_mask {hvp['cpu_mask']!r} has {len(masks)} entries for {be.vcpus} vCPUs",
+                f"instance {rt.name}: cpu_mask {_p.shorten(hvp['cpu_mask'])} has {len(masks)} entries for {be.vcpus} vCPUs",
             )
         if hvp["mem_path"] and os.path.getsize(hvp["mem_path"]) < be.maxmem * _MIB:
-            raise self._err(ParameterError, f"instance {rt.name}: mem_path {hvp['mem_path']} is smaller than {be.maxmem} MiB")
+            raise self._err(ParameterError, f"instance {rt.name}: mem_path {_p.shorten(hvp['mem_path'])} is smaller than {be.maxmem} MiB")
         for d in rt.disks:
             if not _p.is_norm_abs_path(d.path) or not os.path.exists(d.path):
-                raise self._err(ParameterError, f"instance {rt.name}: disk {d.path!r} is not an existing absolute path")
+                raise self._err(ParameterError, f"instance {rt.name}: disk {_p.shorten(d.path)} is not an existing absolute path")
 
     @staticmethod
     def _tap_possible() -> bool:
@@ -342,14 +371,23 @@ class QemuHypervisor(BaseHypervisor):
                     raise self._err(HypervisorError, f"instance {rt.name}: cannot bring up {tap}: {res.stderr.decode(errors='replace').strip()}")
 
     async def _apply_cpu_mask(self, rt: Runtime) -> None:
+        """Pin QEMU's threads (one mask) or each vCPU thread (one mask per vCPU).
+
+        Masks stay ranges until here; each distinct one is expanded once, at
+        most :data:`hv.params.MAX_CPU_NUMBER` + 1 CPUs.
+        """
         masks = _p.parse_multi_cpu_mask(rt.hvparams["cpu_mask"] or "all")
         pid = self._pid(rt.name)
-        if pid is None or masks == [[_p.CPU_ALL]]:
+        if pid is None or all(_p.is_all_cpus(m) for m in masks):
             return
         all_cpus = os.sched_getaffinity(0)
+        expanded: dict[tuple[tuple[int, int], ...], set[int]] = {}
 
-        def cpus(mask: list[int]) -> set[int]:
-            return set(all_cpus) if mask == [_p.CPU_ALL] else set(mask)
+        def cpus(mask: list[tuple[int, int]]) -> set[int]:
+            key = tuple(mask)
+            if key not in expanded:
+                expanded[key] = set(all_cpus) if _p.is_all_cpus(mask) else _p.expand_cpu_ranges(mask)
+            return expanded[key]
 
         try:
             if len(masks) == 1:
@@ -360,7 +398,7 @@ class QemuHypervisor(BaseHypervisor):
                 for vcpu, mask in zip(sorted(vcpus, key=lambda c: c["cpu-index"]), masks):
                     os.sched_setaffinity(int(vcpu["thread-id"]), cpus(mask))
         except OSError as err:
-            raise self._err(HypervisorError, f"instance {rt.name}: cannot apply cpu_mask {rt.hvparams['cpu_mask']!r}: {err}") from err
+            raise self._err(HypervisorError, f"instance {rt.name}: cannot apply cpu_mask {_p.shorten(rt.hvparams['cpu_mask'])}: {err}") from err
 
     async def stop_instance(
         self,
@@ -401,7 +439,7 @@ class QemuHypervisor(BaseHypervisor):
                 pass  # a monitor that does not answer: the next stage will do
             except ProcessLookupError:
                 pass
-            gone = await self._wait_gone(pid, grace - (anyio.current_time() - began), pidfile)
+            gone = await self._wait_gone(name, pid, grace - (anyio.current_time() - began))
             stages.append(StageTiming(stage=stage, seconds=round(anyio.current_time() - began, 4), ended_it=gone))
             return gone
 
@@ -430,12 +468,11 @@ class QemuHypervisor(BaseHypervisor):
                 return StopResult(name=name, stage=stage, stages=tuple(stages))
         raise self._err(HypervisorError, f"instance {name} (pid {pid}) survived SIGKILL: {stages}")
 
-    @staticmethod
-    async def _wait_gone(pid: int, seconds: float, pidfile: str) -> bool:
-        """Watch an external process until it exits or ``seconds`` pass."""
+    async def _wait_gone(self, name: str, pid: int, seconds: float) -> bool:
+        """Watch ``name``'s QEMU until it exits (reaped, if ours) or ``seconds`` pass."""
 
         def alive() -> bool:
-            return process_alive(pid) and process_is_ours(pid, pidfile)
+            return self.run_dir.alive(name, pid)
 
         with anyio.move_on_after(max(0.0, seconds)):
             while alive():
@@ -463,13 +500,13 @@ class QemuHypervisor(BaseHypervisor):
                     await self._qmp(name, "quit", timeout=1.0)
                 except HypervisorError:
                     pass
-            if not await self._wait_gone(pid, 1.0, pidfile):
+            if not await self._wait_gone(name, pid, 1.0):
                 try:
                     if process_is_ours(pid, pidfile):
                         os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-                await self._wait_gone(pid, self.stop_grace, pidfile)
+                await self._wait_gone(name, pid, self.stop_grace)
         await self._clean(name)
 
     async def cleanup_instance(self, instance_name: str) -> None:
@@ -499,6 +536,7 @@ class QemuHypervisor(BaseHypervisor):
     async def list_instances(self, hvparams: Mapping[str, Any] | None = None) -> list[str]:
         """Names of instances whose QEMU process is alive on this node."""
         await self.faults.hit("list_instances", node=self.node)
+        self._reap_daemon_leftovers()
         return [n for n in self.run_dir.names() if self.run_dir.pid(n) is not None]
 
     async def get_instance_info(
@@ -538,6 +576,7 @@ class QemuHypervisor(BaseHypervisor):
 
     async def get_all_instances_info(self, hvparams: Mapping[str, Any] | None = None) -> list[InstanceInfo]:
         await self.faults.hit("get_all_instances_info", node=self.node)
+        self._reap_daemon_leftovers()
         result = []
         for name in self.run_dir.names():
             info = await self._info(name)
@@ -748,7 +787,7 @@ class QemuHypervisor(BaseHypervisor):
         await self.faults.hit("migrate_instance", node=self.node)
         m = _TARGET.match(target or "")
         if m is None or not 0 < int(m.group(2)) <= 65535:
-            raise self._err(MigrationError, f"instance {instance.name}: bad migration target {target!r} (want tcp:HOST:PORT)")
+            raise self._err(MigrationError, f"instance {instance.name}: bad migration target {_p.shorten(target)} (want tcp:HOST:PORT)")
         name = instance.name
         async with self._lock(name):
             _, rt = self._live_runtime(name)
@@ -1002,7 +1041,7 @@ class QemuHypervisor(BaseHypervisor):
             else:
                 disk = device if isinstance(device, Disk) else msgspec.convert(device, Disk)
                 if not _p.is_norm_abs_path(disk.path) or not os.path.exists(disk.path):
-                    raise self._err(HotplugError, f"instance {name}: disk {disk.path!r} is not an existing absolute path")
+                    raise self._err(HotplugError, f"instance {name}: disk {_p.shorten(disk.path)} is not an existing absolute path")
                 backend = {"driver": rt.hvparams["disk_format"], "node-name": f"{dev_id}-blk", "read-only": disk.readonly,
                            "file": {"driver": "file", "filename": disk.path}}
                 hot = HotDevice(kind=kind, device_id=dev_id, backend_id=f"{dev_id}-blk", backend_option="-blockdev",

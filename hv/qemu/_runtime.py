@@ -9,10 +9,15 @@ Layout (dirs 0700, files 0600)::
 
 A restarted agent re-finds its instances from these files; a process is ours
 only if ``/proc/PID/cmdline`` names our pidfile (guard against pid reuse).
+
+The agent is a child subreaper (:mod:`hv._process`), so a QEMU it started
+that exits becomes its zombie; liveness checks reap it (``waitpid`` on that
+one pid) and remember how it ended (:meth:`RunDir.last_exit`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -22,7 +27,16 @@ from typing import Any
 import msgspec
 
 from .._objects import BeParams, Disk, Nic
+from .._process import ExitStatus, proc_state, reap
 from ..errors import HypervisorError
+
+log = logging.getLogger("hv.qemu")
+
+# Per process, not per driver object: the process is the QEMUs' parent.
+#: pidfile -> pid of a QEMU this process started or saw running (ours to reap).
+_STARTED: dict[str, int] = {}
+#: pidfile -> how that QEMU ended, once reaped here.
+_EXITS: dict[str, ExitStatus] = {}
 
 _INSTANCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
@@ -145,17 +159,71 @@ class RunDir:
         except msgspec.DecodeError as err:
             raise HypervisorError(f"corrupt runtime description {path}: {err}") from err
 
-    def pid(self, name: str) -> int | None:
-        """The live QEMU process of ``name``, or None."""
-        pidfile = self.pidfile(name)
+    def _pidfile_pid(self, name: str) -> int | None:
         try:
-            text = pidfile.read_text().strip()
+            text = self.pidfile(name).read_text().strip()
         except (FileNotFoundError, NotADirectoryError):
             return None
-        if not text.isdigit():
+        if not (text.isascii() and text.isdigit()) or len(text) > 10:
             return None
-        pid = int(text)
-        return pid if process_is_ours(pid, str(pidfile)) else None
+        return int(text)
+
+    def pid(self, name: str) -> int | None:
+        """The live QEMU process of ``name``, or None (a dead one we started is reaped)."""
+        pid = self._pidfile_pid(name)
+        if pid is None:
+            # QEMU removes its pidfile when it exits cleanly: still reap it.
+            pid = _STARTED.get(str(self.pidfile(name)))
+            if pid is None:
+                return None
+        return pid if self.alive(name, pid) else None
+
+    def adopt(self, name: str) -> int | None:
+        """Note the pid a QEMU we just started wrote, so that it is reaped even if it dies at once."""
+        pid = self._pidfile_pid(name)
+        if pid is not None:
+            _STARTED[str(self.pidfile(name))] = pid
+            _EXITS.pop(str(self.pidfile(name)), None)
+        return pid
+
+    def alive(self, name: str, pid: int) -> bool:
+        """True while ``pid`` is ``name``'s QEMU and has not been reaped.
+
+        A QEMU this process started (or saw running) is our child (we are its
+        subreaper): once it has ended it is reaped here and its exit status
+        kept. One that is still exiting (cmdline already empty, or a zombie
+        whose other threads are not done) cannot be reaped yet and counts as
+        alive for those few moments, so "gone" always means "reaped, status
+        known" for our own QEMUs.
+        """
+        key = str(self.pidfile(name))
+        if process_alive(pid) and process_is_ours(pid, key):
+            _STARTED[key] = pid
+            return True
+        if _STARTED.get(key) != pid:
+            return False  # never ours to reap (pid reused, or started by another process)
+        st = proc_state(pid)
+        if st is None or st.ppid != os.getpid():
+            del _STARTED[key]  # gone, or not our child: its parent reaps it
+            return False
+        status = reap(pid)
+        if status is None:
+            # Still exiting: its memory (so its cmdline) may already be gone, or it
+            # is a zombie whose other threads are not done. Gone means reaped.
+            return True
+        del _STARTED[key]
+        _EXITS[key] = status
+        log.info("instance %s: QEMU (pid %d) %s", name, pid, status)
+        return False
+
+    @staticmethod
+    def watched_pids() -> set[int]:
+        """Pids of the QEMUs this process reaps through :meth:`alive` (whatever the run dir)."""
+        return set(_STARTED.values())
+
+    def last_exit(self, name: str) -> ExitStatus | None:
+        """How ``name``'s QEMU ended, if this process reaped it (until it is started again)."""
+        return _EXITS.get(str(self.pidfile(name)))
 
 
 def process_is_ours(pid: int, pidfile: str) -> bool:
@@ -170,14 +238,9 @@ def process_is_ours(pid: int, pidfile: str) -> bool:
 
 
 def process_alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            stat = fh.read()
-    except OSError:
-        return False
-    state = stat.rsplit(b")", 1)[-1].split()[0:1]
-    return state not in ([b"Z"], [b"X"])
+    """True while ``pid`` exists and is not a zombie (a zombie has ended: it is only unreaped)."""
+    st = proc_state(pid)
+    return st is not None and st.state not in ("Z", "X")
 
 
 def process_uptime(pid: int) -> float:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from tests._real import require_binary
 import pytest_asyncio
 
 import hv
+from hv import _process
 from hv.qemu import QemuHypervisor
 
 ACCEL = os.environ.get("HERD_QEMU_ACCEL", "tcg")
@@ -50,12 +52,20 @@ def qemu_pids_under(root: Path) -> list[int]:
 
 
 def kill_qemus_under(root: Path) -> None:
-    for pid in qemu_pids_under(root):
+    """SIGKILL them, then reap those that are this process's children (the drivers make it their subreaper)."""
+    pids = qemu_pids_under(root)
+    for pid in pids:
         try:
             os.kill(pid, signal.SIGCONT)
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    deadline = time.monotonic() + 10.0
+    for pid in pids:
+        while (st := _process.proc_state(pid)) is not None and st.ppid == os.getpid() and _process.reap(pid) is None:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
 
 
 @pytest.fixture

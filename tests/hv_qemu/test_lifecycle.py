@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import stat
 
@@ -11,6 +12,7 @@ import msgspec
 import pytest
 
 import hv
+from hv import _process
 from hv.qemu import QmpCommandError
 
 from .conftest import ACCEL, Nodes, instance, qemu_pids_under
@@ -194,19 +196,45 @@ async def test_stop_by_name_of_a_hung_qemu_reaches_sigkill(nodes: Nodes) -> None
     assert [s.stage for s in result.stages] == [hv.StopStage.MONITOR, hv.StopStage.SIGTERM, hv.StopStage.SIGKILL]
     assert [s.ended_it for s in result.stages] == [False, False, True]
     assert await drv.list_instances() == []
+    assert not os.path.exists(f"/proc/{pid}")  # reaped, not left a zombie
+    assert drv.last_exit("vm1") == _process.ExitStatus(pid, signal=signal.SIGKILL)
 
 
-async def test_dead_qemu_is_gone_and_cleaned(nodes: Nodes) -> None:
+def _zombie_qemu_children() -> list[int]:
+    """Zombie QEMU processes (the daemon or -daemonize's middle one) whose parent is this process."""
+    found = []
+    for pid in _process._child_pids():
+        st = _process.proc_state(pid)
+        if st is not None and st.state == "Z" and st.comm.startswith("qemu-system"):
+            found.append(pid)
+    return found
+
+
+@pytest.mark.parametrize(
+    ("sig", "ended", "how"),
+    [
+        (signal.SIGKILL, {"signal": signal.SIGKILL}, "killed by signal 9 (SIGKILL)"),
+        (signal.SIGTERM, {"code": 0}, "exited with status 0"),  # QEMU exits cleanly on SIGTERM (and removes its pidfile)
+    ],
+)
+async def test_dead_qemu_is_reaped_reported_and_cleaned(nodes: Nodes, sig: signal.Signals, ended: dict, how: str) -> None:
+    """The driver's process is QEMU's subreaper: an ended QEMU is reaped (no zombie) and reported with how it ended."""
     drv = nodes.make("n1")
     await drv.start_instance(instance(mem=64))
     pid = (await drv.get_instance_info("vm1")).id  # type: ignore[union-attr]
-    os.kill(pid, signal.SIGKILL)
-    with anyio.fail_after(5):
-        while pid in qemu_pids_under(nodes.root):
+    assert _process.proc_state(pid).ppid == os.getpid()  # type: ignore[union-attr]  # re-parented to us
+    assert _zombie_qemu_children() == []  # -daemonize's middle process was reaped at start
+    os.kill(pid, sig)
+    with anyio.fail_after(10):
+        while await drv.list_instances():
             await anyio.sleep(0.02)
 
-    assert await drv.list_instances() == []
+    assert drv.last_exit("vm1") == _process.ExitStatus(pid, **ended)
+    assert not os.path.exists(f"/proc/{pid}")  # reaped: no zombie with that pid
+    assert _zombie_qemu_children() == []
     assert await drv.get_instance_info("vm1") is None
+    with pytest.raises(hv.InstanceNotFound, match=f"vm1 is not running.*pid {pid} {re.escape(how)}"):
+        await drv.qmp_command("vm1", "query-status")
     assert drv.run_dir.dir("vm1").exists()  # leftovers until cleanup
     await drv.cleanup_instance("vm1")
     assert not drv.run_dir.dir("vm1").exists()
@@ -249,3 +277,9 @@ async def test_cpu_mask_pins_process_and_vcpus(nodes: Nodes) -> None:
 
     with pytest.raises(hv.ParameterError, match="3 entries for 2 vCPUs"):
         await drv.start_instance(instance(name="bad", mem=64, vcpus=2, cpu_mask="0:1:0"))
+    possible = hv.params.format_cpu_ranges(hv.params.node_possible_cpus())
+    with pytest.raises(hv.ParameterError, match=f"cpu_mask.*CPU 8000 is beyond this node's CPUs {possible}"):
+        await drv.start_instance(instance(name="bad", mem=64, vcpus=2, cpu_mask="0:8000"))
+    with pytest.raises(hv.ParameterError, match="cpu_mask.*above the maximum CPU number 8191"):
+        await drv.start_instance(instance(name="bad", mem=64, vcpus=2, cpu_mask="0:0-30000000"))
+    assert not drv.run_dir.dir("bad").exists()
