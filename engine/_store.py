@@ -199,8 +199,9 @@ def _ensure_store_dir(directory: Path) -> None:
     mode = stat.S_IMODE(directory.stat().st_mode)
     if mode & 0o077 and directory not in _warned_dirs:
         _warned_dirs.add(directory)
-        from ._log import get_logger
+        from ._log import configure_logging, get_logger
 
+        configure_logging()  # to stderr (unless the program configured logging): never into --json output
         get_logger().warning(
             f"store directory {directory} has mode {mode:04o}: others can reach the job store; chmod 700 it",
             path=str(directory), mode=f"{mode:04o}",
