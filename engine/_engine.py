@@ -281,18 +281,19 @@ class Engine:
 
     async def _start(self) -> None:
         assert self._tg is not None
+        import engine.workflows  # noqa: F401  (registers the built-in workflows and services)
+
         if self._owner:
             await self._adopt()
         else:
             self._cancel_seq = await self.store.last_cancel_request()
-            self.log.info("another engine owns this store: this one is a client (submits go to it)", owner=await self.store.owner())
             if self._claim:
+                self.log.info(
+                    "another engine owns this store: jobs submitted here go to it until it exits",
+                    owner=await self.store.owner(),
+                )
                 self._tg.start_soon(self._claim_ownership, name="owner-lock retry")
         self._tg.start_soon(self._cancel_watcher, name="store watcher")
-        import engine.workflows  # noqa: F401  (registers the built-in workflows and services)
-
-        for name, fn in SERVICES.items():
-            self.add_service(fn, name=name)
 
     async def _claim_ownership(self) -> None:
         """A client of role auto: retry the owner lock until the owner exits, then own."""
@@ -316,6 +317,9 @@ class Engine:
         if self.node_ping_interval is not None:
             for name in self.node_names:
                 self._tg.start_soon(self._pinger, name)
+        # Services act on the cluster: the owner's job, not every client's.
+        for name, fn in SERVICES.items():
+            self.add_service(fn, name=name)
 
     async def _take(self, jobs: Sequence[Job]) -> None:
         """Drive ``jobs`` (read from the store; those already driven here are skipped)."""

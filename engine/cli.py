@@ -188,7 +188,8 @@ def submit(
             if owned:
 
                 def tell(ids: list[int]) -> None:
-                    _say(f"finishing {len(ids)} other jobs this process started (ids {', '.join(map(str, ids))})")
+                    many = "jobs" if len(ids) > 1 else "job"
+                    _say(f"finishing {len(ids)} other {many} this process started (ids {', '.join(map(str, ids))})")
 
                 await engine.drain(on_wait=tell)
         if owned:
