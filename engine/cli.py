@@ -162,7 +162,7 @@ def submit(
     background ``herd serve --exit-when-idle``), else, with ``--no-wait``, a
     background ``herd serve --exit-when-idle 10`` started here.
     """
-    followed: list[int] = []
+    followed: dict[str, Any] = {}  # job id, and whether this process runs it (for Ctrl-C)
 
     async def main() -> int:
         op = op_from_dict({"kind": kind, **_parse_args(args or [])})
@@ -175,7 +175,7 @@ def submit(
         owned = False
         async with Engine.open(store=store, cluster=cluster, label="herd submit") as engine:
             job_id = await engine.submit(op, priority=priority)
-            followed.append(job_id)
+            followed.update(job_id=job_id, engine=engine)
             if not engine.is_owner:
                 who = await engine.store.owner() or {}
                 _say(f"engine pid {who.get('pid', '?')} runs this store; following job {job_id} there")
@@ -207,7 +207,11 @@ def submit(
     except KeyboardInterrupt:
         if not followed:
             raise
-        _say(f"stopped following job {followed[0]}; the store's engine still runs it (herd watch {followed[0]})")
+        job_id = followed["job_id"]
+        if followed["engine"].is_owner:
+            _say(f"interrupted: job {job_id} stays as it is in the store; the next engine to run the store (herd serve) recovers it")
+        else:
+            _say(f"stopped following job {job_id}; the store's engine still runs it (herd watch {job_id})")
         code = 130
     raise typer.Exit(code)
 
