@@ -228,3 +228,26 @@ async def test_store_files_private_whatever_the_umask(tmp_path: Path, existing: 
         assert mode(store_dir) == existing
         assert f"store directory {store_dir} has mode 0755".encode() in res.stderr
         assert res.stdout == b""
+
+
+async def test_drain_finishes_running_jobs_and_leaves_unstarted_ones(local_cluster: FakeCluster, tmp_path: Path) -> None:
+    """``drain()``: jobs running finish; a job not started stays unstarted for the next owner, who runs it."""
+    store = tmp_path / "herd.db"
+    told: list[list[int]] = []
+    async with local_cluster.engine(store) as engine:
+        running = await engine.submit(Noop(steps=3, sleep=0.1))
+        later = await engine.submit(Noop(steps=1), depends_on=[running])
+
+        async def is_running() -> bool:
+            return (await engine.get(running)).state is JobState.RUNNING
+
+        await poll("job running", is_running)
+        with anyio.fail_after(20):
+            assert await engine.drain(on_wait=told.append) == [running]
+        assert told == [[running]]
+        assert (await engine.get(running)).state is JobState.SUCCEEDED
+    job, events = await read_job(store, later)
+    assert job.state in (JobState.QUEUED, JobState.WAITING) and job.started_at is None
+    async with local_cluster.engine(store) as engine:
+        with anyio.fail_after(20):
+            assert (await engine.wait(later)).state is JobState.SUCCEEDED
