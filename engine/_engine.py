@@ -1,8 +1,11 @@
 """The Engine: submits, schedules, runs, cancels, recovers and watches jobs.
 
-One engine owns one store, one transport and the jobs it runs. Every state
-change is written to the store (shielded from cancellation, so a write that
-starts also finishes and is announced) *before* the engine acts on it.
+One engine *owns* a store at a time: only the owner runs its jobs (it holds
+the store's owner lock for its whole life). Another engine opened on the same
+store is a *client*: it writes the jobs it submits into the store for the
+owner, follows them there, and (role ``auto``) takes over when the owner exits.
+Every state change is written to the store (shielded from cancellation, so a
+write that starts also finishes and is announced) *before* the engine acts on it.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import contextlib
 import math
 import os
 import random
+import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +42,7 @@ from ._workflow import SERVICES, Context, Outcome, Workflow, workflow_for
 from .errors import (
     CompensationFailed,
     DependencyFailed,
+    EngineBusy,
     EngineError,
     InstanceNotKnown,
     InvalidOperation,
@@ -131,7 +137,12 @@ class Engine:
         self.cancel_poll_interval = cancel_poll_interval
         self._cancel_seq = 0
         self._services: set[str] = set()
-        self._adopt_jobs = True  # False when another engine runs on the store: its jobs stay its own
+        self._owner = True  # False for a client: another engine owns the store and runs its jobs
+        self._identity: dict[str, Any] = {}
+        self._draining = False
+        self._claim = False  # a client of role auto: retries the owner lock
+        self._last_job_id = 0  # the newest job id this owner has seen in the store
+        self._pending_submits = 0  # local submits between the store write and their handle
         self.log = get_logger()
         self._locks = LockManager()
         self._handles: dict[int, _JobHandle] = {}
@@ -156,27 +167,55 @@ class Engine:
         *,
         transport: Transport | None = None,
         log_json: bool | None = None,
+        role: str = "auto",
+        label: str | None = None,
         **options: Any,
     ) -> AsyncIterator[Engine]:
         """Open the store, connect to the cluster, recover, and start scheduling.
 
         ``cluster``: a :class:`Cluster`, the transport's ClusterConfig, or a
         cluster file path. ``transport`` None: built with ``transport.connect``
-        (and closed on exit). Jobs still running when the engine closes stay
-        ``running`` in the store and are recovered by the next open.
+        (and closed on exit).
+
+        ``role``: ``"owner"`` takes the store's owner lock or raises
+        :class:`EngineBusy` naming the engine that holds it; ``"client"`` never
+        runs jobs (``submit`` writes them into the store for the owner, ``wait``
+        and ``watch`` follow the store, ``cancel`` reaches the owner by request);
+        ``"auto"`` (default) is the owner if the lock is free, else a client
+        that retries the lock every ``cancel_poll_interval`` and becomes the
+        owner (adopting every queued job and recovering interrupted ones) once
+        the owner exits. ``label`` names this engine to others (default: argv[0]).
+
+        On close, jobs not started stay ``queued``/``waiting`` (as if never
+        started); jobs running stay ``running`` and the next owner recovers
+        them. :meth:`drain` first to finish the running ones.
         """
         configure_logging(json=log_json)
+        if role not in ("auto", "owner", "client"):
+            raise ValueError(f"role must be 'auto', 'owner' or 'client', not {role!r}")
         if isinstance(cluster, (str, os.PathLike)):
             cluster = load_cluster(cluster)
         elif not isinstance(cluster, Cluster):
             cluster = Cluster(config=cluster)
         the_store = store if isinstance(store, Store) else SqliteStore(Path(store))
+        identity = {
+            "pid": os.getpid(), "since": time.time(), "host": socket.gethostname(),
+            "role": label or Path(sys.argv[0] or "python").name,
+        }
         async with contextlib.AsyncExitStack() as stack:
             await the_store.open()
             stack.push_async_callback(the_store.aclose)
-            # Held while this engine runs: `herd cancel` sees a live engine and
-            # leaves running jobs to it (released on close, or by the kernel on a crash).
-            alone = await the_store.acquire_engine_lease()
+            owner = False
+            if role != "client":
+                owner = await the_store.try_own(identity)
+                if not owner and role == "owner":
+                    # A client (`herd cancel`) may hold the lock for a moment: retry briefly.
+                    with anyio.move_on_after(1.0):
+                        while not owner:
+                            await anyio.sleep(0.05)
+                            owner = await the_store.try_own(identity)
+                    if not owner:
+                        raise EngineBusy(await _busy_message(the_store))
             if transport is None:
                 import transport as transport_pkg
 
@@ -184,7 +223,9 @@ class Engine:
                     raise EngineError("Engine.open needs a cluster config with nodes, or a transport")
                 transport = await stack.enter_async_context(transport_pkg.connect(cluster.config))
             engine = cls(the_store, cluster, transport, **options)
-            engine._adopt_jobs = alone
+            engine._owner = owner
+            engine._identity = identity
+            engine._claim = role == "auto" and not owner
             await engine._seed_inventory()
             # The caller's exception is re-raised outside the task group, so
             # it reaches them as itself, not wrapped in an ExceptionGroup.
@@ -240,23 +281,59 @@ class Engine:
 
     async def _start(self) -> None:
         assert self._tg is not None
+        import engine.workflows  # noqa: F401  (registers the built-in workflows and services)
+
+        if self._owner:
+            await self._adopt()
+        else:
+            self._cancel_seq = await self.store.last_cancel_request()
+            if self._claim:
+                self.log.info(
+                    "another engine owns this store: jobs submitted here go to it until it exits",
+                    owner=await self.store.owner(),
+                )
+                self._tg.start_soon(self._claim_ownership, name="owner-lock retry")
+        self._tg.start_soon(self._cancel_watcher, name="store watcher")
+
+    async def _claim_ownership(self) -> None:
+        """A client of role auto: retry the owner lock until the owner exits, then own."""
+        while not self._closing:
+            await anyio.sleep(self.cancel_poll_interval)
+            if await self.store.try_own(self._identity):
+                self.log.info("the previous owner exited: this engine owns the store now")
+                await self._adopt()
+                self._owner = True
+                return
+
+    async def _adopt(self) -> None:
+        """As the new owner: take every non-final job in the store (recover the active ones)."""
+        assert self._tg is not None
         # Before the jobs are read: a request written after this is seen by the watcher,
         # one written before is in the job's cancel_reason.
         self._cancel_seq = await self.store.last_cancel_request()
         jobs = await self.store.list_jobs(states=[JobState.QUEUED, JobState.WAITING, JobState.RUNNING, JobState.CANCELLING])
-        if not self._adopt_jobs and jobs:
-            self.log.warning(
-                "another engine is running on this store: its jobs are left to it (cancel them with cancel())",
-                jobs=[j.id for j in jobs],
-            )
-            jobs = []
+        self._last_job_id = max([self._last_job_id, *(j.id for j in jobs)])
+        await self._take(jobs)
+        if self.node_ping_interval is not None:
+            for name in self.node_names:
+                self._tg.start_soon(self._pinger, name)
+        # Services act on the cluster: the owner's job, not every client's.
+        for name, fn in SERVICES.items():
+            self.add_service(fn, name=name)
+
+    async def _take(self, jobs: Sequence[Job]) -> None:
+        """Drive ``jobs`` (read from the store; those already driven here are skipped)."""
+        assert self._tg is not None
         inventory = await self.store.instances()
+        jobs = [j for j in jobs if j.id not in self._handles]  # after the await: no duplicate handle
+        fresh: list[_JobHandle] = []
         for job in jobs:
             handle = _JobHandle(
                 id=job.id, op=job.op, state=job.state, priority=job.priority, depends_on=job.depends_on,
                 parent_id=job.parent_id, cancel_reason=job.cancel_reason, ponr=job.point_of_no_return,
             )
             self._handles[job.id] = handle
+            fresh.append(handle)
             if job.parent_id in self._handles:
                 self._handles[job.parent_id].children.add(job.id)
             if job.state.active:
@@ -271,19 +348,43 @@ class Engine:
                 self._running.add(job.id)
                 self._count_migrations(handle, +1)
                 self._tg.start_soon(self._job_main, handle)
-        for handle in self._handles.values():
+        for handle in fresh:
             if not handle.recovering:
                 self._tg.start_soon(self._job_main, handle)
-        if self.node_ping_interval is not None:
-            for name in self.node_names:
-                self._tg.start_soon(self._pinger, name)
-        self._tg.start_soon(self._cancel_watcher, name="cancel-request watcher")
-        import engine.workflows  # noqa: F401  (registers the built-in workflows and services)
-
-        for name, fn in SERVICES.items():
-            self.add_service(fn, name=name)
 
     # --- public API ---------------------------------------------------------
+
+    @property
+    def is_owner(self) -> bool:
+        """Whether this engine owns the store (runs its jobs); False for a client."""
+        return self._owner
+
+    @property
+    def idle(self) -> bool:
+        """No job is driven here (``herd serve --exit-when-idle``)."""
+        return not self._handles
+
+    async def drain(self, *, on_wait: Callable[[list[int]], None] | None = None) -> list[int]:
+        """Stop starting jobs and wait until the jobs this engine runs are final.
+
+        Jobs not yet started stay ``queued``/``waiting`` for the next owner
+        (children a running job submits still run: the parent waits on them).
+        ``on_wait(ids)`` is called once, before waiting, if any job runs.
+        Returns the ids waited for.
+        """
+        self._draining = True
+        waited: list[int] = []
+        while True:
+            running = sorted(i for i in self._running if i in self._handles)
+            if not running:
+                return waited
+            if not waited and on_wait is not None:
+                on_wait(running)
+            waited += [i for i in running if i not in waited]
+            for job_id in running:
+                handle = self._handles.get(job_id)
+                if handle is not None:
+                    await handle.done.wait()
 
     @property
     def closing(self) -> bool:
@@ -338,13 +439,21 @@ class Engine:
         workflow_for(op.kind)
         inventory = await self._inventory()
         op.validate(inventory, self.node_names)
+        owner = self._owner
+        self._pending_submits += 1
         try:
             job, event = await self._shielded(
                 self.store.create_job(op, priority=priority, depends_on=deps, parent_id=parent_id, now=self.clock())
             )
         except JobNotFound as err:
             raise InvalidOperation(f"depends_on: {err}") from err
+        finally:
+            self._pending_submits -= 1
         self._publish(event)
+        if not (owner and self._owner):
+            # A client: the owner picks the job up from the store (or this engine does, once it owns).
+            self.log.info("job submitted to the owner of the store", job_id=job.id, op=op.kind, summary=op.summary())
+            return job.id
         handle = _JobHandle(id=job.id, op=op, state=JobState.QUEUED, priority=priority, depends_on=deps, parent_id=parent_id)
         self._handles[job.id] = handle
         self.log.info("job submitted", job_id=job.id, op=op.kind, summary=op.summary(), priority=priority)
@@ -477,9 +586,16 @@ class Engine:
         while True:
             await anyio.sleep(self.cancel_poll_interval)
             try:
+                if self._owner and not self._draining and not self._pending_submits:
+                    # Jobs other processes (clients) wrote for this owner. Skipped while a local
+                    # submit is between its store write and its handle (it would be seen twice).
+                    new = await self.store.jobs_after(self._last_job_id)
+                    if new and not self._pending_submits:
+                        self._last_job_id = max(self._last_job_id, new[-1].id)
+                        await self._take(new)
                 requests = await self.store.cancel_requests(after=self._cancel_seq)
             except EngineError as err:
-                self.log.warning("cannot read cancel requests", error=str(err))
+                self.log.warning("cannot read the store's new jobs and cancel requests", error=str(err))
                 continue
             for req in requests:
                 self._cancel_seq = max(self._cancel_seq, req.seq)
@@ -492,7 +608,7 @@ class Engine:
                             if ev.kind == "cancel-requested":
                                 self._publish(ev)
                     await self._apply_cancel(handle, req.reason)
-                else:
+                elif self._owner:
                     for ev in await self._shielded(self.store.cancel_pending_job(req.job_id, now=self.clock())):
                         self._publish(ev)
 
@@ -758,7 +874,7 @@ class Engine:
             return
         reserved: list[list[LockRequest]] = []
         for h in sorted(self._waiting.values(), key=lambda j: (j.priority, j.id)):
-            if h.granted.is_set():
+            if h.granted.is_set() or (self._draining and h.parent_id is None):
                 continue
             if len(self._running) >= self.max_running_jobs:
                 break
@@ -963,6 +1079,16 @@ class Engine:
             error = await self._ping(name)
             await self._set_online(name, error)
             delay = min(delay * 2, 5.0)
+
+
+async def _busy_message(store: Store) -> str:
+    """"another engine runs jobs from STORE: pid N since T (role)" for :class:`EngineBusy`."""
+    who = await store.owner() or {}
+    since = who.get("since")
+    when = time.strftime(" since %Y-%m-%d %H:%M:%S UTC", time.gmtime(since)) if isinstance(since, (int, float)) else ""
+    host = f" on {who['host']}" if who.get("host") and who.get("host") != socket.gethostname() else ""
+    role = f" ({who['role']})" if who.get("role") else ""
+    return f"another engine runs jobs from {getattr(store, 'path', store)}: pid {who.get('pid', '?')}{host}{when}{role}; stop it or submit to it"
 
 
 def _is_final_event(event: Event) -> bool:

@@ -26,7 +26,9 @@ from __future__ import annotations
 import abc
 import contextlib
 import fcntl
+import json
 import os
+import stat
 import sqlite3
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -108,17 +110,27 @@ class Store(abc.ABC):
     async def cancel_pending_job(self, job_id: int, *, now: float) -> list[Event]:
         """A queued/waiting job with a cancel reason → ``cancelled``, in one transaction (no-op otherwise)."""
 
-    # engines on this store
+    # engines on this store: exactly one *owner* runs its jobs at a time
     @abc.abstractmethod
-    async def acquire_engine_lease(self) -> bool:
-        """Mark an engine as running on this store until :meth:`release_engine_lease` (or the
-        process dies); True when no other engine was running on it."""
+    async def try_own(self, identity: dict[str, Any]) -> bool:
+        """Try (without waiting) to become this store's owner: the one engine that runs its
+        jobs, until :meth:`release_ownership` or the process dies. ``identity`` (pid, since,
+        host, role) is recorded so others can name the owner. False if another owns it."""
     @abc.abstractmethod
-    async def release_engine_lease(self) -> None: ...
+    async def release_ownership(self) -> None: ...
+    @abc.abstractmethod
+    async def owner(self) -> dict[str, Any] | None:
+        """The running owner's identity (None when no engine owns the store)."""
     @abc.abstractmethod
     def no_engine_running(self) -> contextlib.AbstractAsyncContextManager[bool]:
-        """``async with store.no_engine_running() as idle``: while the block runs with
-        ``idle`` True, no engine is (or can start) running on this store."""
+        """``async with store.no_engine_running() as idle``: for a client (``herd cancel``);
+        while the block runs with ``idle`` True, no engine owns this store. Brief: an engine
+        that tries to own the store meanwhile retries."""
+    async def jobs_after(self, job_id: int) -> list[Job]:
+        """Non-final jobs with ``id > job_id``, oldest first (polled by the owner for jobs
+        other processes submit)."""
+        return [j for j in await self.list_jobs(states=[s for s in JobState if not s.final]) if j.id > job_id]
+
     @abc.abstractmethod
     async def set_point_of_no_return(self, job_id: int, reason: str, *, now: float) -> Event: ...
     @abc.abstractmethod
@@ -164,6 +176,47 @@ class Store(abc.ABC):
 
 
 # --- SQLite ------------------------------------------------------------------
+
+
+def _ensure_store_dir(directory: Path) -> None:
+    """Create ``directory`` and missing parents 0700 whatever the umask; warn (once per
+    process and path) about an existing one that others can read or enter."""
+    missing: list[Path] = []
+    d = directory
+    while not d.exists():
+        missing.append(d)
+        if d.parent == d:
+            break
+        d = d.parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            continue  # created meanwhile by another process
+        os.chmod(d, 0o700)  # mkdir's mode is masked by the umask
+    if missing:
+        return
+    mode = stat.S_IMODE(directory.stat().st_mode)
+    if mode & 0o077 and directory not in _warned_dirs:
+        _warned_dirs.add(directory)
+        from ._log import configure_logging, get_logger
+
+        configure_logging()  # to stderr (unless the program configured logging): never into --json output
+        get_logger().warning(
+            f"store directory {directory} has mode {mode:04o}: others can reach the job store; chmod 700 it",
+            path=str(directory), mode=f"{mode:04o}",
+        )
+
+
+_warned_dirs: set[Path] = set()
+
+
+def _read_identity(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_bytes() or b"null")
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 #: (version, description, statements). Append only; never edit a shipped one.
 MIGRATIONS: list[tuple[int, str, tuple[str, ...]]] = [
@@ -278,12 +331,23 @@ class SqliteStore(Store):
 
     @property
     def lease_path(self) -> Path:
-        """The lock file engines hold (shared flock) while they run on this store."""
+        """The owner lock: the owning engine holds an exclusive flock on it for its whole
+        life, and its identity (JSON) is the file's content."""
         return Path(f"{self.path}.engine-lock")
 
-    def _open_lease_file(self) -> int:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        return os.open(self.lease_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    @property
+    def client_lock_path(self) -> Path:
+        """Serialises clients' "is an engine running?" checks (never taken by an engine)."""
+        return Path(f"{self.path}.client-lock")
+
+    def _open_lock_file(self, path: Path) -> int:
+        _ensure_store_dir(self.path.parent)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+        except OSError:
+            pass  # not ours to change (another user's file): the open worked, use it
+        return fd
 
     def __repr__(self) -> str:
         return f"SqliteStore({str(self.path)!r})"
@@ -365,7 +429,7 @@ class SqliteStore(Store):
             return
 
         def connect() -> sqlite3.Connection:
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            _ensure_store_dir(self.path.parent)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
             os.close(fd)
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
@@ -424,7 +488,7 @@ class SqliteStore(Store):
         conn.execute("COMMIT")
 
     async def aclose(self) -> None:
-        await self.release_engine_lease()
+        await self.release_ownership()
         conn, self._conn = self._conn, None
         reader, self._read_conn = self._read_conn, None
         with anyio.CancelScope(shield=True):
@@ -609,46 +673,78 @@ class SqliteStore(Store):
 
     # --- engines on this store ----------------------------------------------
 
-    async def acquire_engine_lease(self) -> bool:
-        """A shared flock on :attr:`lease_path`, held until released or the process dies.
-
-        First tried exclusively: if that succeeds no other engine holds it.
-        (Two engines opening in the same instant may both think they are alone.)
-        """
+    async def try_own(self, identity: dict[str, Any]) -> bool:
+        """An exclusive, non-blocking flock on :attr:`lease_path`; on success the identity is
+        written into the file (read by :meth:`owner` only while the lock is held)."""
         if self._lease_fd is not None:
             return True
-        fd = self._open_lease_file()
+        fd = self._open_lock_file(self.lease_path)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                alone = True
-            except BlockingIOError:
-                alone = False
-            # Blocks only while a `herd cancel` holds it exclusively (milliseconds).
-            await anyio.to_thread.run_sync(fcntl.flock, fd, fcntl.LOCK_SH)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
         except BaseException:
             os.close(fd)
             raise
+        try:
+            data = json.dumps(identity).encode()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, data, 0)
+        except OSError as err:
+            os.close(fd)
+            raise StoreError(f"cannot record the engine's identity in {self.lease_path}: {err}") from err
         self._lease_fd = fd
-        return alone
+        return True
 
-    async def release_engine_lease(self) -> None:
+    async def release_ownership(self) -> None:
         fd, self._lease_fd = self._lease_fd, None
         if fd is not None:
-            os.close(fd)  # closing the descriptor drops the flock
+            os.close(fd)  # closing the descriptor drops the flock (the content stays: the last owner)
+
+    async def owner(self) -> dict[str, Any] | None:
+        if self._lease_fd is not None:
+            return _read_identity(self.lease_path)
+        fd = self._open_lock_file(self.lease_path)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return _read_identity(self.lease_path) or {"pid": None}
+            return None
+        finally:
+            os.close(fd)
 
     @contextlib.asynccontextmanager
     async def no_engine_running(self) -> AsyncIterator[bool]:
-        fd = self._open_lease_file()
+        client = self._open_lock_file(self.client_lock_path)
         try:
+            # Clients take turns (milliseconds each), so two of them never both see "an engine runs".
+            await anyio.to_thread.run_sync(fcntl.flock, client, fcntl.LOCK_EX)
+            fd = self._open_lock_file(self.lease_path)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                yield False
-                return
-            yield True
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    yield False
+                    return
+                yield True
+            finally:
+                os.close(fd)
         finally:
-            os.close(fd)
+            os.close(client)
+
+    async def jobs_after(self, job_id: int) -> list[Job]:
+        final = [s.value for s in JobState if s.final]
+
+        def work(conn: sqlite3.Connection) -> list[Job]:
+            rows = conn.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id > ? AND state NOT IN ({', '.join('?' * len(final))}) ORDER BY id",
+                (job_id, *final),
+            ).fetchall()
+            return [self._job_from_row(r) for r in rows]
+
+        return await self._read(work)
 
     async def set_point_of_no_return(self, job_id: int, reason: str, *, now: float) -> Event:
         def work(conn: sqlite3.Connection) -> Event:

@@ -1,8 +1,9 @@
 """``herd``: a thin command line over the Engine API (a skeleton; a later
 issue adds live progress bars and the daemon/HTTP side).
 
-Without a daemon, ``herd submit`` runs the job in this process until it is
-final (``--no-wait`` leaves it queued for the next engine to open the store).
+One engine at a time runs a store's jobs (its owner): ``herd serve``, or a
+``herd submit --wait`` when none runs; ``herd submit --no-wait`` starts a
+background ``herd serve --exit-when-idle 10`` when none runs.
 ``list``/``show``/``watch`` read the store. ``cancel`` writes a cancel request
 to the store: the engine running the job (in any process on this machine)
 obeys it within ~0.15 s, and ``cancel`` waits, reading the store, until the
@@ -11,7 +12,9 @@ job is final.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -77,37 +80,210 @@ def _existing(store: Path) -> SqliteStore:
     return SqliteStore(store)
 
 
+def _say(message: str) -> None:
+    typer.echo(f"herd: {message}", err=True)
+
+
+def _pending(jobs: list[Job]) -> list[Job]:
+    return [j for j in jobs if j.state in (JobState.QUEUED, JobState.WAITING)]
+
+
+RUNNER_START_TIMEOUT = 10.0
+
+
+async def _ensure_runner(store: Path, cluster: Path, *, only_if_pending: bool) -> dict[str, Any] | None:
+    """Make sure an engine owns the store to run its queued jobs.
+
+    If one does, nothing to do; else start ``herd serve --exit-when-idle 10``
+    detached (new session, stdin/stdout /dev/null, stderr appended to
+    ``<store dir>/serve.log``, 0600) and wait until it owns the store. With
+    ``only_if_pending``, only when queued/waiting jobs remain. Returns the
+    owner's identity (None: nothing to run).
+    """
+    s = SqliteStore(store)
+    await s.open()
+    try:
+        if only_if_pending and not _pending(await s.list_jobs(states=[JobState.QUEUED, JobState.WAITING])):
+            return None
+        owner = await s.owner()
+        if owner is not None:
+            return owner
+        log_path = store.parent / "serve.log"
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchmod(log_fd, 0o600)
+            argv = [
+                sys.executable, "-m", "engine.cli", "serve", "--exit-when-idle", "10",
+                "--store", str(store.resolve()), "--cluster", str(cluster.resolve()),
+            ]
+            pid = os.posix_spawn(
+                sys.executable, argv, dict(os.environ),
+                file_actions=[
+                    (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                    (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+                    (os.POSIX_SPAWN_DUP2, log_fd, 2),
+                ],
+                setsid=True,
+            )
+        finally:
+            os.close(log_fd)
+        with anyio.move_on_after(RUNNER_START_TIMEOUT):
+            while True:
+                owner = await s.owner()
+                if owner is not None:
+                    return owner
+                with contextlib.suppress(ChildProcessError):
+                    if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                        break  # it exited without owning the store
+                await anyio.sleep(0.05)
+        raise EngineError(
+            f"the background engine (herd serve, pid {pid}) did not start running jobs from {store} "
+            f"within {RUNNER_START_TIMEOUT:g}s; see {log_path}"
+        )
+    finally:
+        await s.aclose()
+
+
 @app.command()
 def submit(
     kind: str = typer.Argument(..., help="operation kind: start-instance, stop-instance, reboot-instance, …"),
     args: list[str] = typer.Argument(None, help="operation fields as key=value (JSON values)"),
     priority: int = typer.Option(0, "--priority", "-p", help="-20 (first) … 19 (last)"),
-    wait: bool = typer.Option(True, "--wait/--no-wait", help="run the job here until it is final"),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="follow the job here until it is final"),
     store: Path = StoreOpt,
     cluster: Path = ClusterOpt,
     as_json: bool = JsonOpt,
 ) -> None:
-    """Submit an operation, e.g. ``herd submit stop-instance instance=web1 timeout=30``."""
+    """Submit an operation, e.g. ``herd submit stop-instance instance=web1 timeout=30``.
+
+    The store's engine runs it: ``herd serve`` (or another ``herd submit``) if
+    one runs on the store, else this process (``--wait``; it then finishes
+    the other jobs it started before exiting, and hands queued ones to a
+    background ``herd serve --exit-when-idle``), else, with ``--no-wait``, a
+    background ``herd serve --exit-when-idle 10`` started here.
+    """
+    followed: dict[str, Any] = {}  # job id, and whether this process runs it (for Ctrl-C)
 
     async def main() -> int:
         op = op_from_dict({"kind": kind, **_parse_args(args or [])})
-        async with Engine.open(store=store, cluster=cluster) as engine:
+        if not wait:
+            async with Engine.open(store=store, cluster=cluster, role="client", label="herd submit --no-wait") as engine:
+                job_id = await engine.submit(op, priority=priority)
+            await _ensure_runner(store, cluster, only_if_pending=False)
+            _emit({"job_id": job_id}, as_json, f"job {job_id} queued")
+            return 0
+        owned = False
+        async with Engine.open(store=store, cluster=cluster, label="herd submit") as engine:
             job_id = await engine.submit(op, priority=priority)
-            if not wait:
-                _emit({"job_id": job_id}, as_json, f"job {job_id} queued")
-                return 0
+            followed.update(job_id=job_id, engine=engine)
+            if not engine.is_owner:
+                who = await engine.store.owner() or {}
+                _say(f"engine pid {who.get('pid', '?')} runs this store; following job {job_id} there")
             async for ev in engine.watch(job_id):
                 _emit(ev, as_json, _event_line(ev))
             job = await engine.wait(job_id)
             if not as_json:
                 _emit(job, as_json, _job_line(job))
-            return 0 if job.state is JobState.SUCCEEDED else 2
+            owned = engine.is_owner
+            if owned:
+
+                def tell(ids: list[int]) -> None:
+                    many = "jobs" if len(ids) > 1 else "job"
+                    _say(f"finishing {len(ids)} other {many} this process started (ids {', '.join(map(str, ids))})")
+
+                await engine.drain(on_wait=tell)
+        if owned:
+            # After the owner lock is released: a job a client queued meanwhile is seen here,
+            # or that client saw no owner and started a runner itself.
+            who = await _ensure_runner(store, cluster, only_if_pending=True)
+            if who is not None:
+                _say(f"queued jobs left to the store's engine (pid {who.get('pid', '?')})")
+        return 0 if job.state is JobState.SUCCEEDED else 2
 
     try:
         code = anyio.run(main)
     except EngineError as err:
         _fail(str(err))
+    except KeyboardInterrupt:
+        if not followed:
+            raise
+        job_id = followed["job_id"]
+        if followed["engine"].is_owner:
+            _say(f"interrupted: job {job_id} stays as it is in the store; the next engine to run the store (herd serve) recovers it")
+        else:
+            _say(f"stopped following job {job_id}; the store's engine still runs it (herd watch {job_id})")
+        code = 130
     raise typer.Exit(code)
+
+
+async def serve_store(store: Path, cluster: Path, *, exit_when_idle: float | None, label: str = "herd serve") -> None:
+    """Own the store and run its jobs until SIGTERM/SIGINT, or until idle that long.
+
+    Graceful: on a signal the engine stops and closes; jobs not started stay
+    queued, jobs running are recovered by the next engine. While another
+    engine owns the store this one waits (a standby) and takes over when it exits.
+    """
+    import signal
+
+    while True:
+        stop = False
+        async with Engine.open(store=store, cluster=cluster, label=label) as engine:
+            async with anyio.create_task_group() as tg:
+
+                async def signals() -> None:
+                    nonlocal stop
+                    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
+                        async for signum in received:
+                            engine.log.info("signal: stopping (jobs running are recovered by the next engine)", signal=signum)
+                            stop = True
+                            tg.cancel_scope.cancel()
+                            return
+
+                async def idle_watch() -> None:
+                    assert exit_when_idle is not None
+                    idle_since: float | None = None
+                    while True:
+                        now = anyio.current_time()
+                        if not engine.idle:
+                            idle_since = None
+                        elif idle_since is None:
+                            idle_since = now
+                        elif now - idle_since >= exit_when_idle:
+                            engine.log.info("idle: exiting", idle_seconds=exit_when_idle)
+                            tg.cancel_scope.cancel()
+                            return
+                        await anyio.sleep(min(0.2, exit_when_idle / 4))
+
+                tg.start_soon(signals)
+                if exit_when_idle is not None:
+                    tg.start_soon(idle_watch)
+        if stop or exit_when_idle is None:
+            return
+        # Idle exit, owner lock released: a job queued in that instant has no engine; take it.
+        s = SqliteStore(store)
+        await s.open()
+        try:
+            if not _pending(await s.list_jobs(states=[JobState.QUEUED, JobState.WAITING])) or await s.owner() is not None:
+                return
+        finally:
+            await s.aclose()
+
+
+@app.command()
+def serve(
+    store: Path = StoreOpt,
+    cluster: Path = ClusterOpt,
+    exit_when_idle: Optional[float] = typer.Option(
+        None, "--exit-when-idle", help="exit once no job has been active for this many seconds"
+    ),
+) -> None:
+    """Run the store's jobs (its engine) until SIGTERM/SIGINT: what runs ``herd submit --no-wait`` jobs."""
+    if exit_when_idle is not None and not exit_when_idle > 0:
+        _fail(f"--exit-when-idle must be a positive number of seconds, not {exit_when_idle:g}")
+    try:
+        anyio.run(lambda: serve_store(store, cluster, exit_when_idle=exit_when_idle))
+    except EngineError as err:
+        _fail(str(err))
 
 
 @app.command("list")

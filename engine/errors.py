@@ -97,3 +97,7 @@ class DependencyFailed(EngineError):
 
 class RecoveryPending(EngineError):
     """Crash recovery could not finish yet (a node is unreachable); it is retried."""
+
+
+class EngineBusy(EngineError):
+    """Another engine owns the store (runs its jobs); the message names it (pid, since, role)."""

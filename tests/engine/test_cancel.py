@@ -13,7 +13,7 @@ import pytest
 from anyio.streams.text import TextReceiveStream
 from typer.testing import CliRunner
 
-from engine import JobState, SqliteStore, StartInstance
+from engine import Engine, JobState, SqliteStore, StartInstance
 from engine.cli import app
 
 from .conftest import FakeCluster
@@ -147,16 +147,16 @@ async def test_engine_cancel_from_another_process(local_cluster: FakeCluster, tm
     assert any(e["event"] == "cancelled" and e.get("method") == "stop_instance" for e in local_cluster.events("n1"))
 
 
-def test_herd_cancel_queued_job_without_engine(local_cluster: FakeCluster, tmp_path: Path) -> None:
+async def test_herd_cancel_queued_job_without_engine(local_cluster: FakeCluster, tmp_path: Path) -> None:
+    """A job queued by a client engine while no engine owns the store: ``herd cancel`` settles it there."""
     cluster = local_cluster.write_file(tmp_path / "cluster.toml")
     common = ["--store", str(tmp_path / "herd.db")]
+    async with Engine.open(store=tmp_path / "herd.db", cluster=cluster, role="client", node_ping_interval=None) as engine:
+        job_id = await engine.submit(StartInstance(instance="web1"))
     runner = CliRunner()
-    res = runner.invoke(app, ["submit", "start-instance", "instance=web1", "--no-wait", *common, "--cluster", str(cluster), "--json"])
-    assert res.exit_code == 0, res.output
-    job_id = json.loads(res.stdout)["job_id"]
-    res = runner.invoke(app, ["cancel", str(job_id), "--reason", "not today", *common, "--cluster", str(cluster)])
+    res = await anyio.to_thread.run_sync(lambda: runner.invoke(app, ["cancel", str(job_id), "--reason", "not today", *common, "--cluster", str(cluster)]))
     assert res.exit_code == 0, res.output
     assert f"job {job_id}: cancelled" in res.stdout and "not today" in res.stdout
-    res = runner.invoke(app, ["list", *common, "--json"])
+    res = await anyio.to_thread.run_sync(lambda: runner.invoke(app, ["list", *common, "--json"]))
     assert json.loads(res.stdout)["state"] == "cancelled"
     assert "web1" not in local_cluster.running("n1")
