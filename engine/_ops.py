@@ -314,8 +314,13 @@ def op_from_dict(data: Mapping[str, Any]) -> Operation:
     bad_keys = [k for k in data if not isinstance(k, str)]
     if bad_keys:
         raise InvalidOperation(f"{kind}: field names must be strings, not {shorten(bad_keys[0])}")
+    cls = operation_type(kind)
+    for key in data:
+        if key != "kind" and key not in cls.__struct_fields__:
+            named = f"`{key}`" if len(key) <= 80 else shorten(key)
+            raise InvalidOperation(f"{kind}: unknown field {named} (fields: {', '.join(cls.__struct_fields__)})")
     try:
-        return msgspec.convert(dict(data), type=operation_type(kind))
+        return msgspec.convert(dict(data), type=cls)
     except msgspec.ValidationError as err:
         raise InvalidOperation(f"{kind}: {err}") from err
 
