@@ -67,9 +67,9 @@ def instance_from_table(
     """
     from ._ops import check_name, name_problem
 
-    problem = name_problem(name)
+    problem = name_problem(name, echo=False)
     if problem is not None:
-        raise InvalidOperation(f"{where}: [instances.{shorten(name)}]: the instance name {problem}")
+        raise InvalidOperation(f"{where}: [instances.{shorten(name, 40)}]: the name {problem}")
     here = f"{where}: [instances.{name}]"
     if not isinstance(table, Mapping):
         raise InvalidOperation(f"{here} must be a table")

@@ -111,12 +111,16 @@ NAME_RULE_TEXT = "1-63 characters: letters, digits, '.', '_' or '-', starting wi
 MAX_SECONDS = 7 * 24 * 3600.0
 
 
-def name_problem(value: Any) -> str | None:
-    """Why ``value`` is not a valid instance/node name (None when it is)."""
+def name_problem(value: Any, *, echo: bool = True) -> str | None:
+    """Why ``value`` is not a valid instance/node name (None when it is).
+
+    ``echo=False``: the caller already shows the value.
+    """
+    shown = f"{shorten(value)} " if echo else ""
     if not isinstance(value, str):
-        return f"must be a name (a string), not {type(value).__name__} {shorten(value)}"
+        return f"{shown}must be a name (a string), not {type(value).__name__}"
     if NAME_RULE.fullmatch(value) is None:
-        return f"{shorten(value)} is not a valid name ({NAME_RULE_TEXT})"
+        return f"{shown}is not a valid name ({NAME_RULE_TEXT})"
     return None
 
 

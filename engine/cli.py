@@ -361,6 +361,21 @@ def _describe(err: BaseException) -> tuple[str, bool]:
     return f"unexpected error: {type(first).__name__}: {first}{more} (run with --debug for the traceback)", True
 
 
+def _configure_logging() -> None:
+    """The engine logs warnings and errors to stderr; ``HERD_LOG_LEVEL=info`` (or debug) shows more.
+
+    (Events go to stdout; info lines on stderr would bury a one-line error.)
+    """
+    from ._log import configure_logging
+
+    level = os.environ.get("HERD_LOG_LEVEL", "warning").strip() or "warning"
+    if level.lower() not in ("debug", "info", "warning", "error", "critical"):
+        raise InvalidOperation(
+            f"environment HERD_LOG_LEVEL={shorten(level)} is not a log level: use debug, info, warning, error or critical"
+        )
+    configure_logging(level=level)
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI on ``argv``; return the exit code. Never lets a traceback out
     (unless ``--debug`` or ``HERD_DEBUG=1``): every error is one ``herd:`` line."""
@@ -372,6 +387,7 @@ def run(argv: list[str] | None = None) -> int:
         args = [a for a in args[:end] if a != "--debug"] + args[end:]
         os.environ["HERD_DEBUG"] = "1"
     try:
+        _configure_logging()
         result = app(args=args, prog_name="herd", standalone_mode=False)
     except ClickException as err:  # usage: unknown option, bad argument, bad job id
         message = _one_line(err.format_message()).rstrip(".")
