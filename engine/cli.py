@@ -356,6 +356,8 @@ def _describe(err: BaseException) -> tuple[str, bool]:
     if isinstance(first, OSError):
         where = f": {first.filename}" if first.filename else ""
         return f"{first.strerror or first}{where}{more}", False
+    if isinstance(first, OverflowError):
+        return f"a number is out of range ({first}): job ids are 1..{MAX_JOB_ID}{more}", False
     if isinstance(first, sqlite3.Error):
         return f"store: sqlite: {first}{more}", False
     return f"unexpected error: {type(first).__name__}: {first}{more} (run with --debug for the traceback)", True

@@ -306,9 +306,17 @@ def test_missing_stores_and_impossible_job_ids(tmp_path: Path, args: list[str], 
     assert not store.parent.exists()
 
 
-def test_job_ids_that_do_not_exist_name_the_store(env: Env) -> None:
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["show", "999999"], ["no job 999999", "herd.db"]),
+        (["watch", "999999"], ["no job 999999", "herd.db"]),
+        (["cancel", "999999999999999999999999"], ["out of range", "9223372036854775807"]),
+    ],
+)
+def test_job_ids_no_job_has_are_refused_on_a_store(env: Env, args: list[str], needles: list[str]) -> None:
     before = snapshot(env.store)
-    refused(herd("show", "999999", "--store", str(env.store)), "no job 999999", str(env.store))
+    refused(herd(*args, "--store", str(env.store)), *needles)
     assert snapshot(env.store) == before
 
 
