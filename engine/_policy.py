@@ -21,7 +21,6 @@ It is pure: time comes in as an argument, so it runs on any clock.
 from __future__ import annotations
 
 import enum
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any

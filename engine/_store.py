@@ -247,6 +247,7 @@ def _is_corrupt(err: sqlite3.DatabaseError) -> bool:
     """Whether SQLite says the file itself is damaged (not busy, not a bad query)."""
     return getattr(err, "sqlite_errorname", None) in ("SQLITE_CORRUPT", "SQLITE_NOTADB")
 
+
 _JOB_COLUMNS = (
     "id, kind, op, state, priority, created_at, updated_at, started_at, finished_at, result, error, "
     "cancel_reason, point_of_no_return, parent_id, depends_on, recovery"
