@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,11 @@ import msgspec
 import hv
 
 from ._inventory import AdminState, InstanceRecord
-from .errors import InvalidOperation
+from .errors import InvalidOperation, shorten
+
+#: Bounds of ``beparams`` (MiB and count): beyond them a value is a typo.
+MAX_MEMORY_MIB = 16 * 1024 * 1024  # 16 TiB
+MAX_VCPUS = 1024
 
 _INSTANCE_KEYS = {"primary", "hypervisor", "admin_state", "hvparams", "beparams", "nics", "disks", "tags", "uuid"}
 
@@ -54,27 +58,46 @@ class Cluster:
         return [getattr(n, "name", n) for n in nodes]
 
 
-def instance_from_table(name: str, table: Mapping[str, Any], *, where: str = "cluster file") -> InstanceRecord:
-    """An inventory record from an ``[instances.NAME]`` table (validated)."""
+def instance_from_table(
+    name: str, table: Mapping[str, Any], *, where: str = "cluster file", nodes: Collection[str] | None = None
+) -> InstanceRecord:
+    """An inventory record from an ``[instances.NAME]`` table (validated).
+
+    ``nodes``: the cluster's node names, when known: ``primary`` must be one.
+    """
+    from ._ops import check_name, name_problem
+
+    problem = name_problem(name, echo=False)
+    if problem is not None:
+        raise InvalidOperation(f"{where}: [instances.{shorten(name, 40)}]: the name {problem}")
+    here = f"{where}: [instances.{name}]"
     if not isinstance(table, Mapping):
-        raise InvalidOperation(f"{where}: [instances.{name}] must be a table")
+        raise InvalidOperation(f"{here} must be a table")
     unknown = set(table) - _INSTANCE_KEYS
     if unknown:
-        raise InvalidOperation(f"{where}: [instances.{name}]: unknown keys {sorted(unknown)} (known: {sorted(_INSTANCE_KEYS)})")
-    primary = table.get("primary")
-    if not isinstance(primary, str) or not primary:
-        raise InvalidOperation(f"{where}: [instances.{name}]: 'primary' must name a node")
+        raise InvalidOperation(f"{here}: unknown keys {shorten(sorted(unknown))} (known: {sorted(_INSTANCE_KEYS)})")
+    known = f" (nodes: {', '.join(sorted(nodes))})" if nodes else ""
+    if "primary" not in table:
+        raise InvalidOperation(f"{here}: key 'primary' is missing: name the node the instance runs on{known}")
+    primary = table["primary"]
+    check_name(here, "primary", primary)
+    if nodes is not None and primary not in nodes:
+        raise InvalidOperation(f"{here}: primary node {primary!r} is not a node of the cluster{known}: add [nodes.{primary}] or fix 'primary'")
     spec_fields = {k: v for k, v in table.items() if k not in ("primary", "admin_state")}
     try:
         spec = msgspec.convert({"name": name, **spec_fields}, hv.Instance)
         admin = AdminState(table.get("admin_state", "down"))
     except (msgspec.ValidationError, ValueError) as err:
-        raise InvalidOperation(f"{where}: [instances.{name}]: {err}") from err
-    if spec.beparams.minmem > spec.beparams.maxmem or spec.beparams.minmem < 0 or spec.beparams.vcpus < 1:
-        raise InvalidOperation(f"{where}: [instances.{name}]: beparams need 0 <= minmem <= maxmem and vcpus >= 1, got {spec.beparams}")
+        raise InvalidOperation(f"{here}: {err}") from err
+    be = spec.beparams
+    if not (0 <= be.minmem <= be.maxmem <= MAX_MEMORY_MIB and 1 <= be.vcpus <= MAX_VCPUS):
+        raise InvalidOperation(
+            f"{here}: beparams need 0 <= minmem <= maxmem <= {MAX_MEMORY_MIB} (MiB) and 1 <= vcpus <= {MAX_VCPUS}, "
+            f"got minmem={shorten(be.minmem)} maxmem={shorten(be.maxmem)} vcpus={shorten(be.vcpus)}"
+        )
     from ._ops import check_hvparams
 
-    check_hvparams(f"{where}: [instances.{name}]", spec)
+    check_hvparams(here, spec)
     return InstanceRecord(name=name, spec=spec, primary=primary, admin_state=admin)
 
 
@@ -87,15 +110,13 @@ def load_cluster(path: str | os.PathLike[str]) -> Cluster:
         raise InvalidOperation(f"cannot read cluster file {path}: {err}") from err
     instances_table = data.pop("instances", {})
     if not isinstance(instances_table, Mapping):
-        raise InvalidOperation(f"{path}: 'instances' must be a table of tables")
-    instances = {name: instance_from_table(name, t, where=str(path)) for name, t in instances_table.items()}
+        raise InvalidOperation(f"{path}: 'instances' must be a table of tables ([instances.NAME])")
     from transport import parse_cluster
 
     data["instances"] = {}
     config = parse_cluster(data, source=str(path), base_dir=path.parent)
     name = str(getattr(config, "name", None) or data.get("name") or "herd")
-    cluster = Cluster(config=config, instances=instances, name=name)
-    unknown = [r.name for r in instances.values() if cluster.node_names and r.primary not in cluster.node_names]
-    if unknown:
-        raise InvalidOperation(f"{path}: instances {unknown} name a primary node that is not in the cluster")
+    cluster = Cluster(config=config, name=name)
+    nodes = cluster.node_names or None
+    cluster.instances = {n: instance_from_table(n, t, where=str(path), nodes=nodes) for n, t in instances_table.items()}
     return cluster

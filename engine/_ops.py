@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import math
+import re
 from collections.abc import Collection, Mapping
 from typing import Any, ClassVar
 
@@ -25,7 +26,7 @@ import hv
 
 from ._inventory import InstanceRecord
 from ._locks import LockRequest, instance_lock, node_lock
-from .errors import InvalidOperation
+from .errors import InvalidOperation, shorten
 
 #: Seconds a step may take unless the operation says otherwise.
 DEFAULT_STEP_DEADLINES: dict[str, float] = {
@@ -72,8 +73,7 @@ class Operation(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", for
     def validate(self, inventory: Mapping[str, InstanceRecord], nodes: Collection[str]) -> None:
         """Raise :class:`InvalidOperation` naming what is wrong (touch nothing)."""
         for key, value in self.deadlines.items():
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
-                raise InvalidOperation(f"{self.kind}: deadline for {key!r} must be a positive number of seconds, not {value!r}")
+            check_seconds(self.kind, f"deadline for {shorten(key, 40)}", value, zero=False)
 
     def lock_requests(self, inventory: Mapping[str, InstanceRecord]) -> list[LockRequest]:
         """The locks to hold while the job runs (taken all at once, in order)."""
@@ -99,16 +99,59 @@ class Operation(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", for
         return FALLBACK_DEADLINE
 
 
-def _check_name(kind: str, field: str, value: Any) -> None:
-    if not isinstance(value, str) or not value or value.strip() != value or len(value) > 255:
-        raise InvalidOperation(f"{kind}: {field} must be a non-empty name without surrounding spaces, not {value!r}")
+#: The one rule for instance and node names, wherever they enter (cluster
+#: file, ``add_instance``, every operation's fields): a letter or digit, then
+#: up to 62 letters, digits, ``.``, ``_`` or ``-`` — what the drivers
+#: (``hv``) and the transport's node names accept, and safe as a file name,
+#: a process name and a command argument.
+NAME_RULE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+NAME_RULE_TEXT = "1-63 characters: letters, digits, '.', '_' or '-', starting with a letter or digit"
+
+#: The longest duration an operation or policy takes (seconds): 7 days.
+MAX_SECONDS = 7 * 24 * 3600.0
+
+
+def name_problem(value: Any, *, echo: bool = True) -> str | None:
+    """Why ``value`` is not a valid instance/node name (None when it is).
+
+    ``echo=False``: the caller already shows the value.
+    """
+    shown = f"{shorten(value)} " if echo else ""
+    if not isinstance(value, str):
+        return f"{shown}must be a name (a string), not {type(value).__name__}"
+    if NAME_RULE.fullmatch(value) is None:
+        return f"{shown}is not a valid name ({NAME_RULE_TEXT})"
+    return None
+
+
+def check_name(where: str, field: str, value: Any) -> None:
+    """Refuse ``value`` as the name in ``field`` unless it follows :data:`NAME_RULE`."""
+    problem = name_problem(value)
+    if problem is not None:
+        raise InvalidOperation(f"{where}: {field} {problem}")
+
+
+_check_name = check_name
+
+
+def check_seconds(where: str, field: str, value: Any, *, zero: bool = True, maximum: float = MAX_SECONDS) -> None:
+    """Refuse a duration outside ``0 (<)<= value <= maximum`` seconds (finite, not a bool)."""
+    low = ">= 0" if zero else "> 0"
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+        or (value == 0 and not zero)
+        or value > maximum
+    ):
+        raise InvalidOperation(f"{where}: {field} must be a finite number {low} and <= {maximum:g} (seconds), not {shorten(value)}")
 
 
 def _check_timeout(kind: str, field: str, value: Any, *, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
-        raise InvalidOperation(f"{kind}: {field} must be a finite number of seconds >= 0, not {value!r}")
+    check_seconds(kind, field, value)
 
 
 def check_hvparams(kind: str, spec: hv.Instance, hvparams: Mapping[str, Any] | None = None) -> None:
@@ -134,7 +177,7 @@ class InstanceOperation(Operation, frozen=True, kw_only=True):
         _check_name(self.kind, "instance", self.instance)
         record = inventory.get(self.instance)
         if record is None:
-            raise InvalidOperation(f"{self.kind}: unknown instance {self.instance!r}")
+            raise InvalidOperation(f"{self.kind}: unknown instance {shorten(self.instance)}")
         if record.primary not in nodes:
             raise InvalidOperation(
                 f"{self.kind}: instance {self.instance!r} has primary node {record.primary!r}, which the cluster does not know"
@@ -210,10 +253,12 @@ class Noop(Operation, frozen=True, kw_only=True, tag="noop"):
     def validate(self, inventory: Mapping[str, InstanceRecord], nodes: Collection[str]) -> None:
         super().validate(inventory, nodes)
         if not isinstance(self.steps, int) or not 0 <= self.steps <= 1000:
-            raise InvalidOperation(f"noop: steps must be an int in 0..1000, not {self.steps!r}")
+            raise InvalidOperation(f"noop: steps must be an int in 0..1000, not {shorten(self.steps)}")
         _check_timeout(self.kind, "sleep", self.sleep)
-        if self.hold_instance is not None and self.hold_instance not in inventory:
-            raise InvalidOperation(f"noop: unknown instance {self.hold_instance!r}")
+        if self.hold_instance is not None:
+            check_name(self.kind, "hold_instance", self.hold_instance)
+            if self.hold_instance not in inventory:
+                raise InvalidOperation(f"noop: unknown instance {shorten(self.hold_instance)}")
 
     def lock_requests(self, inventory: Mapping[str, InstanceRecord]) -> list[LockRequest]:
         return [instance_lock(self.hold_instance, exclusive=True)] if self.hold_instance else []
@@ -243,7 +288,7 @@ def operation_type(kind: str) -> type[Operation]:
     try:
         return OPERATIONS[kind]
     except KeyError:
-        raise InvalidOperation(f"unknown operation kind {kind!r} (known: {', '.join(sorted(OPERATIONS))})") from None
+        raise InvalidOperation(f"unknown operation kind {shorten(kind)} (known: {', '.join(sorted(OPERATIONS))})") from None
 
 
 def encode_op(op: Operation) -> bytes:
@@ -259,10 +304,49 @@ def decode_op(kind: str, data: bytes | str) -> Operation:
 
 
 def op_from_dict(data: Mapping[str, Any]) -> Operation:
-    """An operation from a mapping with a ``kind`` key (CLI, HTTP)."""
+    """An operation from a mapping with a ``kind`` key (CLI, HTTP).
+
+    ``kind`` names the operation and nothing else: it must be a string, and
+    the fields may not carry a second one (the CLI refuses ``kind=`` among
+    the fields before it gets here, see :func:`fields_from_pairs`).
+    """
     if not isinstance(data, Mapping) or "kind" not in data:
-        raise InvalidOperation(f"an operation needs a 'kind' key: {data!r}")
+        raise InvalidOperation(f"an operation needs a 'kind' key: {shorten(data)}")
+    kind = data["kind"]
+    if not isinstance(kind, str):
+        raise InvalidOperation(f"an operation's 'kind' must be a string, not {type(kind).__name__} {shorten(kind)}")
+    bad_keys = [k for k in data if not isinstance(k, str)]
+    if bad_keys:
+        raise InvalidOperation(f"{kind}: field names must be strings, not {shorten(bad_keys[0])}")
+    cls = operation_type(kind)
+    for key in data:
+        if key != "kind" and key not in cls.__struct_fields__:
+            named = f"`{key}`" if len(key) <= 80 else shorten(key)
+            raise InvalidOperation(f"{kind}: unknown field {named} (fields: {', '.join(cls.__struct_fields__)})")
     try:
-        return msgspec.convert(dict(data), type=operation_type(str(data["kind"])))
+        return msgspec.convert(dict(data), type=cls)
     except msgspec.ValidationError as err:
-        raise InvalidOperation(f"{data['kind']}: {err}") from err
+        raise InvalidOperation(f"{kind}: {err}") from err
+
+
+#: Field names the command line may not set: the operation is its first argument.
+RESERVED_FIELDS = frozenset({"kind"})
+
+
+def fields_from_pairs(kind: str, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Operation fields from ``(name, value)`` pairs, each name once (CLI, forms).
+
+    A repeated field (``instance=a instance=b``, also ``reboot-type`` and
+    ``reboot_type``) or a reserved one (``kind=``: the operation is named
+    once, by the caller) is refused, naming it, instead of keeping the last.
+    """
+    out: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in RESERVED_FIELDS:
+            raise InvalidOperation(
+                f"{kind}: field {shorten(name)} is reserved: the operation is {shorten(kind)} (the first argument); drop {name}="
+            )
+        if name in out:
+            raise InvalidOperation(f"{kind}: field {shorten(name)} is given twice: give it once")
+        out[name] = value
+    return out

@@ -18,13 +18,13 @@ from ._inventory import InstanceRecord
 from ._locks import LockRequest, instance_lock, node_lock
 from ._ops import InstanceOperation, Operation, _check_name, check_hvparams
 from ._policy import DEFAULT_POLICY, MigrationPolicy
-from .errors import InvalidOperation
+from .errors import InvalidOperation, shorten
 
 
 def check_policy(kind: str, overrides: Mapping[str, Any], base: MigrationPolicy = DEFAULT_POLICY) -> MigrationPolicy:
     """The policy ``overrides`` make of ``base`` (InvalidOperation naming the knob)."""
     if not isinstance(overrides, Mapping):
-        raise InvalidOperation(f"{kind}: policy must be a table of knobs, not {overrides!r}")
+        raise InvalidOperation(f"{kind}: policy must be a table of knobs, not {shorten(overrides)}")
     return base.with_overrides(overrides, where=f"{kind}: policy")
 
 
@@ -125,7 +125,7 @@ class EvacuateNode(Operation, frozen=True, kw_only=True, tag="evacuate-node"):
         super().validate(inventory, nodes)
         _check_node(self.kind, "node", self.node, nodes)
         if isinstance(self.concurrency, bool) or not isinstance(self.concurrency, int) or not 1 <= self.concurrency <= 64:
-            raise InvalidOperation(f"{self.kind}: concurrency must be an integer in 1..64, not {self.concurrency!r}")
+            raise InvalidOperation(f"{self.kind}: concurrency must be an integer in 1..64, not {shorten(self.concurrency)}")
         for target in self.targets:
             _check_node(self.kind, "targets entry", target, nodes)
             if target == self.node:

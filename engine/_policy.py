@@ -21,16 +21,17 @@ It is pure: time comes in as an argument, so it runs on any clock.
 from __future__ import annotations
 
 import enum
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
-from .errors import InvalidOperation
+from .errors import InvalidOperation, shorten
 
 GIB = 1024**3
+#: The largest allowed downtime a policy may set or reach (ms): 10 minutes.
+MAX_DOWNTIME_MS = 600_000
 
 
 class TimeoutAction(str, enum.Enum):
@@ -64,30 +65,26 @@ class MigrationPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     def validate(self, where: str = "policy") -> MigrationPolicy:
         """Range checks; raise :class:`InvalidOperation` naming the knob and value."""
 
-        def positive(name: str, *, zero: bool = False) -> None:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (value == 0 and not zero):
-                raise InvalidOperation(f"{where}: {name} must be a finite number {'>= 0' if zero else '> 0'}, not {value!r}")
+        from ._ops import MAX_SECONDS, check_seconds
 
-        for name in ("timeout_per_gib", "min_timeout", "stall_window", "force_grace", "status_wait", "status_timeout"):
-            positive(name)
-        positive("progress_interval", zero=True)
-        if not 0 <= self.stall_min_progress < 1:
-            raise InvalidOperation(f"{where}: stall_min_progress must be in [0, 1), not {self.stall_min_progress!r}")
-        if self.status_wait > 5.0:
-            raise InvalidOperation(f"{where}: status_wait must be at most 5 s (progress is shown at least that often), not {self.status_wait!r}")
+        for name in ("timeout_per_gib", "min_timeout", "stall_window", "force_grace", "status_timeout"):
+            check_seconds(where, name, getattr(self, name), zero=False, maximum=MAX_SECONDS)
+        check_seconds(where, "status_wait", self.status_wait, zero=False, maximum=5.0)  # progress is shown at least this often
+        check_seconds(where, "progress_interval", self.progress_interval, maximum=MAX_SECONDS)
+        if isinstance(self.stall_min_progress, bool) or not 0 <= self.stall_min_progress < 1:
+            raise InvalidOperation(f"{where}: stall_min_progress must be a fraction with 0 <= stall_min_progress < 1, not {shorten(self.stall_min_progress)}")
         for name in ("downtime_step_ms", "downtime_max_ms"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidOperation(f"{where}: {name} must be an integer >= 1 (ms), not {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_DOWNTIME_MS:
+                raise InvalidOperation(f"{where}: {name} must be an integer with 1 <= {name} <= {MAX_DOWNTIME_MS} (ms), not {shorten(value)}")
         if self.downtime_start_ms is not None and (
             isinstance(self.downtime_start_ms, bool) or not 1 <= self.downtime_start_ms <= self.downtime_max_ms
         ):
             raise InvalidOperation(
-                f"{where}: downtime_start_ms must be an integer in 1..downtime_max_ms ({self.downtime_max_ms}), not {self.downtime_start_ms!r}"
+                f"{where}: downtime_start_ms must be an integer in 1..downtime_max_ms ({self.downtime_max_ms}), not {shorten(self.downtime_start_ms)}"
             )
         if isinstance(self.status_failures, bool) or not isinstance(self.status_failures, int) or not 0 <= self.status_failures <= 100:
-            raise InvalidOperation(f"{where}: status_failures must be an integer in 0..100, not {self.status_failures!r}")
+            raise InvalidOperation(f"{where}: status_failures must be an integer in 0..100, not {shorten(self.status_failures)}")
         return self
 
     def completion_timeout(self, ram_bytes: int) -> float:
@@ -98,7 +95,7 @@ class MigrationPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
         """This policy with ``overrides`` applied (unknown knobs and bad values refused)."""
         unknown = sorted(set(overrides) - set(self.__struct_fields__))
         if unknown:
-            raise InvalidOperation(f"{where}: unknown knob {unknown[0]!r} (known: {', '.join(self.__struct_fields__)})")
+            raise InvalidOperation(f"{where}: unknown knob {shorten(unknown[0])} (known: {', '.join(self.__struct_fields__)})")
         try:
             merged = msgspec.convert({**msgspec.to_builtins(self), **overrides}, MigrationPolicy)
         except msgspec.ValidationError as err:

@@ -295,6 +295,12 @@ MIGRATIONS.append(
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
+
+def _is_corrupt(err: sqlite3.DatabaseError) -> bool:
+    """Whether SQLite says the file itself is damaged (not busy, not a bad query)."""
+    return getattr(err, "sqlite_errorname", None) in ("SQLITE_CORRUPT", "SQLITE_NOTADB")
+
+
 _JOB_COLUMNS = (
     "id, kind, op, state, priority, created_at, updated_at, started_at, finished_at, result, error, "
     "cancel_reason, point_of_no_return, parent_id, depends_on, recovery"
@@ -314,10 +320,14 @@ class _WriteRequest:
 class SqliteStore(Store):
     """The embedded store: one SQLite file in WAL mode."""
 
-    def __init__(self, path: str | os.PathLike[str], *, synchronous: str = "FULL") -> None:
+    def __init__(self, path: str | os.PathLike[str], *, synchronous: str = "FULL", readonly: bool = False) -> None:
+        """``readonly``: open the file read-only (SQLite ``mode=ro``): nothing is
+        created, migrated or written, so a store whose file and directory
+        are not writable can still be read (``herd list``/``show``/``watch``)."""
         if synchronous.upper() not in ("FULL", "NORMAL", "EXTRA", "OFF"):
             raise StoreError(f"synchronous must be FULL, NORMAL, EXTRA or OFF, not {synchronous!r}")
         self.path = Path(path)
+        self.readonly = readonly
         self.synchronous = synchronous.upper()
         self._conn: sqlite3.Connection | None = None
         self._limiter = anyio.CapacityLimiter(1)
@@ -356,6 +366,8 @@ class SqliteStore(Store):
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` on the writer connection, in its worker thread."""
+        if self.readonly and self._read_conn is not None:
+            raise StoreError(f"store {self.path} was opened read-only: it cannot be changed here")
         return await self._in_thread(self._conn, self._thread_lock, self._limiter, fn)
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -374,7 +386,12 @@ class SqliteStore(Store):
 
         def work() -> T:
             with lock:
-                return fn(conn)
+                try:
+                    return fn(conn)
+                except sqlite3.DatabaseError as err:
+                    if _is_corrupt(err):
+                        raise self._corrupt(err) from err
+                    raise
 
         return await anyio.to_thread.run_sync(work, limiter=limiter)
 
@@ -424,11 +441,81 @@ class SqliteStore(Store):
 
     # --- lifecycle ----------------------------------------------------------
 
+    def _corrupt(self, err: BaseException | str) -> StoreError:
+        return StoreError(
+            f"store {self.path} is corrupt (sqlite: {err}); it was not changed: restore it from a backup or move it away"
+        )
+
+    def _connect_ro(self) -> sqlite3.Connection:
+        """A read-only connection (``mode=ro``: never creates or writes the file).
+
+        A WAL store whose ``-shm`` file is gone and whose directory is not
+        writable cannot be opened ``mode=ro``; then nothing can be writing
+        to it either, and it is opened ``immutable``.
+        """
+        uri = self.path.absolute().as_uri()
+        conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, isolation_level=None, check_same_thread=False, timeout=30.0)
+        try:
+            conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        except sqlite3.OperationalError as err:
+            conn.close()
+            if not (self.readonly and str(err.sqlite_errorname).startswith(("SQLITE_CANTOPEN", "SQLITE_READONLY"))):
+                raise
+            conn = sqlite3.connect(f"{uri}?immutable=1", uri=True, isolation_level=None, check_same_thread=False, timeout=30.0)
+        conn.execute("PRAGMA query_only=ON")
+        return conn
+
+    def _check_schema(self, conn: sqlite3.Connection) -> int:
+        """The store's schema version, read without writing (0: a new, empty file).
+
+        A read that fails, or a version that makes no sense, is checked with
+        ``PRAGMA quick_check``: a damaged file is reported corrupt (never
+        written), a sound one from a newer herd is refused by version.
+        """
+        try:
+            has_table = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
+            ).fetchone()
+            version = conn.execute("SELECT MAX(version) FROM schema_migrations").fetchone()[0] if has_table else 0
+            problem = None
+        except sqlite3.DatabaseError as err:
+            version, problem = None, err
+        if problem is None and isinstance(version, int) and not isinstance(version, bool) and 0 <= version <= SCHEMA_VERSION:
+            return version
+        try:
+            rows = conn.execute("PRAGMA quick_check").fetchall()
+        except sqlite3.DatabaseError as err:
+            raise self._corrupt(err) from err
+        verdict = "; ".join(str(r[0]) for r in rows[:3])
+        if verdict != "ok":
+            raise self._corrupt(verdict)
+        if problem is not None:
+            raise StoreError(f"cannot read store {self.path} (sqlite: {problem}); it was not changed") from problem
+        if isinstance(version, int) and version > SCHEMA_VERSION:
+            raise StoreError(
+                f"store {self.path} has schema version {version}, newer than this herd supports ({SCHEMA_VERSION}): "
+                f"use a newer herd; the store was not changed"
+            )
+        raise self._corrupt(f"schema version {version!r} is not a version")
+
     async def open(self) -> None:
-        if self._conn is not None:
+        if self._conn is not None or self._read_conn is not None:
             return
 
+        def inspect() -> None:
+            """Refuse a damaged or newer store before anything writes to it."""
+            if self.path.is_dir():
+                raise StoreError(f"store {self.path} is a directory: give --store the SQLite file (e.g. {self.path / 'herd.db'})")
+            if not self.path.exists() or self.path.stat().st_size == 0:
+                return
+            conn = self._connect_ro()
+            try:
+                self._check_schema(conn)
+            finally:
+                conn.close()
+
         def connect() -> sqlite3.Connection:
+            inspect()
             _ensure_store_dir(self.path.parent)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
             os.close(fd)
@@ -446,16 +533,48 @@ class SqliteStore(Store):
             return conn
 
         def connect_reader() -> sqlite3.Connection:
+            if self.readonly:
+                if self.path.is_dir():
+                    raise StoreError(f"store {self.path} is a directory: give --store the SQLite file (e.g. {self.path / 'herd.db'})")
+                if not self.path.is_file():
+                    raise StoreError(f"no store at {self.path}: give --store the SQLite file of an existing store")
+                conn = self._connect_ro()
+                try:
+                    version = self._check_schema(conn)
+                    if version != SCHEMA_VERSION:
+                        raise StoreError(
+                            f"store {self.path} has schema version {version}, older than this herd's ({SCHEMA_VERSION}): "
+                            f"open it once with a command that writes (herd submit) to upgrade it"
+                        )
+                except BaseException:
+                    conn.close()
+                    raise
+                return conn
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
             conn.execute("PRAGMA query_only=ON")
             return conn
 
         try:
-            self._conn = await anyio.to_thread.run_sync(connect)
+            if not self.readonly:
+                self._conn = await anyio.to_thread.run_sync(connect)
             self._read_conn = await anyio.to_thread.run_sync(connect_reader)
         except sqlite3.DatabaseError as err:
             await self.aclose()
-            raise StoreError(f"cannot open store {self.path}: {err}") from err
+            if _is_corrupt(err):
+                raise self._corrupt(err) from err
+            raise StoreError(f"cannot open store {self.path} (sqlite: {err}); check the path and its permissions") from err
+        except OSError as err:
+            await self.aclose()
+            what = err.strerror or str(err)
+            raise StoreError(
+                f"cannot open store {self.path}: {what}{f' ({err.filename})' if err.filename and str(err.filename) != str(self.path) else ''}: "
+                f"give --store a writable SQLite file path"
+            ) from err
+        except BaseException:
+            await self.aclose()
+            raise
+        if self.readonly:
+            return
         for suffix in ("", "-wal", "-shm"):
             p = Path(f"{self.path}{suffix}")
             if p.exists():

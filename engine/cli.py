@@ -8,6 +8,12 @@ background ``herd serve --exit-when-idle 10`` when none runs.
 to the store: the engine running the job (in any process on this machine)
 obeys it within ~0.15 s, and ``cancel`` waits, reading the store, until the
 job is final.
+
+Errors: every refusal is one line on stderr, ``herd: <what>: <where>: <what
+to do>``, and nothing stored is changed. ``--debug`` (or ``HERD_DEBUG=1``)
+also prints the traceback. Exit codes: 0 done; 1 refused (bad input, cluster
+file or store; an unexpected error); 2 the submitted job ended failed or
+cancelled; 3 ``cancel`` gave up waiting (the request stays recorded).
 """
 
 from __future__ import annotations
@@ -15,8 +21,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sqlite3
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Optional
 
@@ -26,11 +34,35 @@ import typer
 
 from ._engine import Engine
 from ._jobs import Event, Job, JobState
-from ._ops import op_from_dict
+from ._ops import fields_from_pairs, op_from_dict
 from ._store import SqliteStore
-from .errors import EngineError
+from .errors import EngineError, InvalidOperation, JobNotFound, shorten
 
-app = typer.Typer(add_completion=False, help="herd: durable, cancellable VM jobs.")
+app = typer.Typer(add_completion=False, help="herd: durable, cancellable VM jobs.", pretty_exceptions_enable=False)
+
+#: Exit codes (README "CLI"): 0 done, 1 refused or error, 2 the job did not succeed, 3 cancel still waiting.
+EXIT_OK, EXIT_REFUSED, EXIT_JOB_FAILED, EXIT_STILL_RUNNING = 0, 1, 2, 3
+#: Job ids are SQLite integers: 1 … 2**63 - 1.
+MAX_JOB_ID = 2**63 - 1
+
+
+def _job_id(value: int) -> int:
+    """Refuse a job id no job can have (instead of an OverflowError from SQLite)."""
+    if not 1 <= value <= MAX_JOB_ID:
+        raise typer.BadParameter(f"job ids are 1..{MAX_JOB_ID}, not {shorten(value)}")
+    return value
+
+
+JobIdArg = typer.Argument(..., callback=_job_id, help="the job's id (herd list shows them)")
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="on an error, also print the traceback (or set HERD_DEBUG=1)"),
+) -> None:
+    """herd: durable, cancellable VM jobs."""
+    if debug:
+        os.environ["HERD_DEBUG"] = "1"
 
 StoreOpt = typer.Option(Path(".herd/herd.db"), "--store", help="the job store (SQLite file)")
 ClusterOpt = typer.Option(Path("cluster.toml"), "--cluster", help="the cluster file (nodes + instances)")
@@ -55,29 +87,60 @@ def _event_line(ev: Event) -> str:
     return f"#{ev.seq} job {ev.job_id} {ev.kind} {fields}"
 
 
-def _parse_args(args: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def _parse_args(args: list[str], kind: str = "operation") -> dict[str, Any]:
+    """Operation fields from ``key=value`` words (values parsed as JSON when they can be).
+
+    ``-`` in a key is ``_``; a field given twice, or ``kind=`` (the operation
+    is the first argument), is refused by :func:`engine._ops.fields_from_pairs`.
+    """
+    pairs: list[tuple[str, Any]] = []
     for arg in args:
         key, sep, value = arg.partition("=")
         if not sep or not key:
-            raise typer.BadParameter(f"expected key=value, got {arg!r}")
+            raise InvalidOperation(f"{kind}: expected a field as key=value, got {shorten(arg)}")
         try:
-            out[key.replace("-", "_")] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.replace("-", "_")] = value
-    return out
+            parsed: Any = json.loads(value)
+        except (json.JSONDecodeError, RecursionError):
+            parsed = value
+        pairs.append((key.replace("-", "_"), parsed))
+    return fields_from_pairs(kind, pairs)
+
+
+#: The longest error line printed (a last guard: every echoed value is already cut by ``shorten``).
+MAX_LINE = 400
+
+
+def _one_line(message: str) -> str:
+    """``message`` on one line (a line break in an error must not start a second), at most :data:`MAX_LINE` long."""
+    line = " ".join(part.strip() for part in str(message).splitlines() if part.strip()) or "error"
+    if len(line) > MAX_LINE:
+        line = f"{line[: MAX_LINE - 40]}… ({len(line)} characters)"
+    return line
+
+
+def _debug() -> bool:
+    return os.environ.get("HERD_DEBUG", "") not in ("", "0")
 
 
 def _fail(message: str) -> None:
-    typer.echo(f"herd: {message}", err=True)
-    raise typer.Exit(1)
+    """Refuse: one ``herd:`` line on stderr, exit 1 (with ``--debug``, the traceback first)."""
+    if _debug() and sys.exc_info()[0] is not None:
+        traceback.print_exc()
+    typer.echo(f"herd: {_one_line(message)}", err=True)
+    raise typer.Exit(EXIT_REFUSED)
 
 
-def _existing(store: Path) -> SqliteStore:
-    """The store for a read-only command (never created by reading it)."""
+def _existing(store: Path, *, readonly: bool = False) -> SqliteStore:
+    """The store for a command on existing jobs (never created by reading it).
+
+    ``readonly``: opened ``mode=ro`` — ``list``/``show``/``watch`` work on a
+    store whose file and directory are not writable, and write nothing.
+    """
+    if store.is_dir():
+        _fail(f"store {store} is a directory: give --store the SQLite file (e.g. {store / 'herd.db'})")
     if not store.is_file():
-        _fail(f"no store at {store} (give --store)")
-    return SqliteStore(store)
+        _fail(f"no store at {store}: give --store the SQLite file of an existing store (herd submit creates one)")
+    return SqliteStore(store, readonly=readonly)
 
 
 def _say(message: str) -> None:
@@ -165,7 +228,7 @@ def submit(
     followed: dict[str, Any] = {}  # job id, and whether this process runs it (for Ctrl-C)
 
     async def main() -> int:
-        op = op_from_dict({"kind": kind, **_parse_args(args or [])})
+        op = op_from_dict({"kind": kind, **_parse_args(args or [], kind)})
         if not wait:
             async with Engine.open(store=store, cluster=cluster, role="client", label="herd submit --no-wait") as engine:
                 job_id = await engine.submit(op, priority=priority)
@@ -294,28 +357,35 @@ def list_jobs(
 ) -> None:
     """List jobs."""
 
+    states = []
+    for name in state or []:
+        try:
+            states.append(JobState(name))
+        except ValueError:
+            _fail(f"--state {shorten(name)} is not a job state: give one of {', '.join(s.value for s in JobState)}")
+
     async def main() -> list[Job]:
-        s = _existing(store)
+        s = _existing(store, readonly=True)
         await s.open()
         try:
-            return await s.list_jobs(states=[JobState(x) for x in state] if state else None)
+            return await s.list_jobs(states=states or None)
         finally:
             await s.aclose()
 
     try:
         jobs = anyio.run(main)
-    except (EngineError, ValueError) as err:
+    except EngineError as err:
         _fail(str(err))
     for job in jobs:
         _emit(job, as_json, _job_line(job))
 
 
 @app.command()
-def show(job_id: int, store: Path = StoreOpt, as_json: bool = JsonOpt) -> None:
+def show(job_id: int = JobIdArg, store: Path = StoreOpt, as_json: bool = JsonOpt) -> None:
     """A job with its steps."""
 
     async def main() -> Job:
-        s = _existing(store)
+        s = _existing(store, readonly=True)
         await s.open()
         try:
             return await s.get_job(job_id)
@@ -324,6 +394,8 @@ def show(job_id: int, store: Path = StoreOpt, as_json: bool = JsonOpt) -> None:
 
     try:
         job = anyio.run(main)
+    except JobNotFound as err:
+        _fail(f"{err} in store {store}: herd list shows the jobs")
     except EngineError as err:
         _fail(str(err))
     lines = [_job_line(job)]
@@ -336,11 +408,18 @@ def show(job_id: int, store: Path = StoreOpt, as_json: bool = JsonOpt) -> None:
 
 
 @app.command()
-def watch(job_id: int, store: Path = StoreOpt, as_json: bool = JsonOpt, poll: float = typer.Option(0.2, help="seconds between reads")) -> None:
+def watch(
+    job_id: int = JobIdArg,
+    store: Path = StoreOpt,
+    as_json: bool = JsonOpt,
+    poll: float = typer.Option(0.2, help="seconds between reads (0 < poll <= 60)"),
+) -> None:
     """Print a job's events until it is final (reads the store)."""
+    if not 0 < poll <= 60:
+        _fail(f"--poll must be a number of seconds with 0 < poll <= 60, not {shorten(poll)}")
 
     async def main() -> None:
-        s = _existing(store)
+        s = _existing(store, readonly=True)
         await s.open()
         try:
             last = 0
@@ -358,6 +437,8 @@ def watch(job_id: int, store: Path = StoreOpt, as_json: bool = JsonOpt, poll: fl
 
     try:
         anyio.run(main)
+    except JobNotFound as err:
+        _fail(f"{err} in store {store}: herd list shows the jobs")
     except EngineError as err:
         _fail(str(err))
 
@@ -430,9 +511,82 @@ def cancel(
     raise typer.Exit(0 if not wait else 3)
 
 
+def _leaves(err: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups, in order."""
+    if isinstance(err, BaseExceptionGroup):
+        return [leaf for sub in err.exceptions for leaf in _leaves(sub)]
+    return [err]
+
+
+def _describe(err: BaseException) -> tuple[str, bool]:
+    """One line for an error, and whether it was unexpected (a bug, not bad input)."""
+    from hv.errors import HypervisorError
+    from transport.errors import TransportError
+
+    leaves = _leaves(err)
+    first = leaves[0]
+    more = f" (and {len(leaves) - 1} more errors)" if len(leaves) > 1 else ""
+    if isinstance(first, (EngineError, TransportError, HypervisorError)):
+        return str(first) + more, False
+    if isinstance(first, OSError):
+        where = f": {first.filename}" if first.filename else ""
+        return f"{first.strerror or first}{where}{more}", False
+    if isinstance(first, OverflowError):
+        return f"a number is out of range ({first}): job ids are 1..{MAX_JOB_ID}{more}", False
+    if isinstance(first, sqlite3.Error):
+        return f"store: sqlite: {first}{more}", False
+    return f"unexpected error: {type(first).__name__}: {first}{more} (run with --debug for the traceback)", True
+
+
+def _configure_logging() -> None:
+    """The engine logs warnings and errors to stderr; ``HERD_LOG_LEVEL=info`` (or debug) shows more.
+
+    (Events go to stdout; info lines on stderr would bury a one-line error.)
+    """
+    from ._log import configure_logging
+
+    level = os.environ.get("HERD_LOG_LEVEL", "warning").strip() or "warning"
+    if level.lower() not in ("debug", "info", "warning", "error", "critical"):
+        raise InvalidOperation(
+            f"environment HERD_LOG_LEVEL={shorten(level)} is not a log level: use debug, info, warning, error or critical"
+        )
+    configure_logging(level=level)
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI on ``argv``; return the exit code. Never lets a traceback out
+    (unless ``--debug`` or ``HERD_DEBUG=1``): every error is one ``herd:`` line."""
+    from typer._click.exceptions import ClickException
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    end = args.index("--") if "--" in args else len(args)
+    if "--debug" in args[:end]:
+        args = [a for a in args[:end] if a != "--debug"] + args[end:]
+        os.environ["HERD_DEBUG"] = "1"
+    try:
+        _configure_logging()
+        result = app(args=args, prog_name="herd", standalone_mode=False)
+    except ClickException as err:  # usage: unknown option, bad argument, bad job id
+        message = _one_line(err.format_message()).rstrip(".")
+        commands = getattr(typer.main.get_command(app), "commands", {})
+        command = f"herd {args[0]} --help" if args and args[0] in commands else "herd --help"
+        typer.echo(f"herd: {message} (see {command})", err=True)
+        return EXIT_REFUSED
+    except KeyboardInterrupt:
+        typer.echo("herd: interrupted", err=True)
+        return 130
+    except Exception as err:
+        message, _unexpected = _describe(err)
+        if _debug():
+            traceback.print_exception(err)
+        typer.echo(f"herd: {_one_line(message)}", err=True)
+        return EXIT_REFUSED
+    return result if isinstance(result, int) and not isinstance(result, bool) else EXIT_OK
+
+
 def main() -> None:
     """Console-script entry point."""
-    app()
+    sys.exit(run())
 
 
 if __name__ == "__main__":

@@ -11,6 +11,23 @@ from typing import Any
 
 from transport.errors import NodeUnreachable
 
+#: The longest echo of an input value in an error message (characters).
+ECHO_LIMIT = 80
+
+
+def shorten(value: Any, limit: int = ECHO_LIMIT) -> str:
+    """``repr(value)`` for an error message, cut to ``limit`` characters.
+
+    Every error that echoes input uses it, so a 10 KB value makes a short
+    line (``'aaaa…' (10240 characters)``) that still says how long it was;
+    ``repr`` also keeps a newline in a name from breaking the line.
+    """
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f"{len(value)} characters" if isinstance(value, str) else f"{len(text)} characters as text"
+    return f"{text[: max(limit - 1, 1)]}… ({size})"
+
 
 class EngineError(Exception):
     """Root of every error the engine raises itself."""

@@ -34,8 +34,8 @@ def test_instances_are_read(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("table", "message"),
     [
-        ('[instances.web1]\nprimary = "n9"\n', r"primary node that is not in the cluster"),
-        ("[instances.web1]\nhypervisor = \"fake\"\n", r"\[instances.web1\]: 'primary' must name a node"),
+        ('[instances.web1]\nprimary = "n9"\n', r"\[instances.web1\]: primary node 'n9' is not a node of the cluster \(nodes: n1\)"),
+        ("[instances.web1]\nhypervisor = \"fake\"\n", r"\[instances.web1\]: key 'primary' is missing: name the node"),
         ('[instances.web1]\nprimary = "n1"\ncolour = "red"\n', r"unknown keys \['colour'\]"),
         ('[instances.web1]\nprimary = "n1"\nhvparams = { migration_downtime = "x" }\n', r"migration_downtime"),
         ('[instances.web1]\nprimary = "n1"\nbeparams = { minmem = 512, maxmem = 256 }\n', r"minmem <= maxmem"),
