@@ -8,7 +8,8 @@ Loaded from TOML by :func:`load_cluster`::
     user = "root"                # defaults for every node (a node may override)
     identity_file = "id_ed25519" # relative paths are relative to this file
     known_hosts = "known_hosts"
-    connect_timeout = 10.0       # TCP + SSH handshake + agent hello, seconds
+    connect_timeout = 10.0       # TCP connect + SSH handshake + authentication, seconds
+    agent_start_timeout = 10.0   # opening the agent's session + its hello, seconds
     keepalive_interval = 1.0     # SSH keepalive period, seconds
     keepalive_count_max = 2      # unanswered keepalives before the node is unreachable
     reconnect_backoff_min = 0.2  # first wait after a failed connect, seconds
@@ -73,6 +74,7 @@ class ClusterConfig(msgspec.Struct, kw_only=True, frozen=True):
     name: str
     nodes: dict[str, NodeConfig]
     connect_timeout: float = 10.0
+    agent_start_timeout: float = 10.0
     keepalive_interval: float = 1.0
     keepalive_count_max: int = 2
     reconnect_backoff_min: float = 0.2
@@ -85,6 +87,7 @@ class ClusterConfig(msgspec.Struct, kw_only=True, frozen=True):
         lines = ["[cluster]", f"name = {_toml(self.name)}"]
         for key in (
             "connect_timeout",
+            "agent_start_timeout",
             "keepalive_interval",
             "keepalive_count_max",
             "reconnect_backoff_min",
@@ -129,6 +132,7 @@ class _ClusterTable(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     hypervisor: str = "fake"
     agent_command: list[str] | None = None
     connect_timeout: float = 10.0
+    agent_start_timeout: float = 10.0
     keepalive_interval: float = 1.0
     keepalive_count_max: int = 2
     reconnect_backoff_min: float = 0.2
@@ -159,14 +163,18 @@ def load_cluster(path: str | os.PathLike[str]) -> ClusterConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
-    return parse_cluster(data, source=str(path), base_dir=path.parent)
+    cluster = parse_cluster(data, source=str(path), base_dir=path.parent)
+    for node in cluster.nodes.values():
+        if node.transport == "ssh":
+            check_known_hosts(node, source=str(path))
+    return cluster
 
 
 def parse_cluster(data: dict[str, Any], *, source: str = "<cluster>", base_dir: Path | None = None) -> ClusterConfig:
     """Validate an already parsed cluster description."""
 
     def fail(key: str, reason: str) -> ConfigError:
-        return ConfigError(f"{source}: {key}: {reason}")
+        return ConfigError(f"{source}: {_where(key)}: {reason}")
 
     for key in data:
         if key not in ("cluster", "nodes") and key not in _ENGINE_TABLES:
@@ -179,7 +187,7 @@ def parse_cluster(data: dict[str, Any], *, source: str = "<cluster>", base_dir: 
     raw_nodes = data.get("nodes")
     if not isinstance(raw_nodes, dict) or not raw_nodes:
         raise fail("nodes", "missing or empty: describe at least one node as [nodes.NAME]")
-    for key in ("connect_timeout", "keepalive_interval", "reconnect_backoff_min", "reconnect_backoff_max"):
+    for key in ("connect_timeout", "agent_start_timeout", "keepalive_interval", "reconnect_backoff_min", "reconnect_backoff_max"):
         if getattr(cluster, key) <= 0:
             raise fail(f"cluster.{key}", f"must be > 0, got {getattr(cluster, key)!r}")
     if cluster.call_timeout is not None and cluster.call_timeout <= 0:
@@ -237,6 +245,7 @@ def parse_cluster(data: dict[str, Any], *, source: str = "<cluster>", base_dir: 
         name=cluster.name,
         nodes=nodes,
         connect_timeout=cluster.connect_timeout,
+        agent_start_timeout=cluster.agent_start_timeout,
         keepalive_interval=cluster.keepalive_interval,
         keepalive_count_max=cluster.keepalive_count_max,
         reconnect_backoff_min=cluster.reconnect_backoff_min,
@@ -244,6 +253,44 @@ def parse_cluster(data: dict[str, Any], *, source: str = "<cluster>", base_dir: 
         call_timeout=cluster.call_timeout,
         source=source,
     )
+
+
+def _where(key: str) -> str:
+    """``nodes.n1.port`` → ``[nodes.n1] port``; ``cluster.name`` → ``[cluster] name``; ``nodes`` → ``[nodes]``."""
+    if key in ("cluster", "nodes") or "." not in key:
+        return f"[{key}]"
+    if key.startswith("nodes."):
+        parts = key.split(".", 2)
+        return f"[nodes.{parts[1]}]" + (f" {parts[2]}" if len(parts) > 2 else "")
+    table, _, rest = key.partition(".")
+    return f"[{table}] {rest}"
+
+
+def check_known_hosts(node: NodeConfig, *, source: str | None) -> None:
+    """Refuse a known_hosts file that is missing or unreadable, naming it (ConfigError).
+
+    Checked when a cluster file is loaded and again at each SSH connect: else
+    asyncssh reports a missing file as a failed connect and an unreadable one
+    as an unknown host key.
+    """
+    path = node.known_hosts
+    if path is None:
+        return
+    where = f"{source or '<cluster>'}: [nodes.{node.name}] known_hosts"
+    scan = f"ssh-keyscan {node.address}" if node.port == 22 else f"ssh-keyscan -p {node.port} {node.address}"
+    try:
+        with open(path, "rb"):
+            pass
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{where}: file does not exist ({path}): create it ({scan} >> {path}) or fix [nodes.{node.name}] known_hosts",
+            node=node.name,
+        ) from None
+    except OSError as err:
+        raise ConfigError(
+            f"{where}: file cannot be read ({path}: {err.strerror or err}): fix its permissions or [nodes.{node.name}] known_hosts",
+            node=node.name,
+        ) from None
 
 
 def _convert(raw: Any, type_: type, where: str, fail: Any) -> Any:

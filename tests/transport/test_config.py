@@ -14,7 +14,7 @@ GOOD = """
 name = "lab"
 user = "herd"
 identity_file = "keys/id_ed25519"
-known_hosts = "/etc/herd/known_hosts"
+known_hosts = "known_hosts"
 keepalive_interval = 0.5
 
 [nodes.n1]
@@ -43,6 +43,7 @@ db = "herd.db"
 
 
 def write(tmp_path: Path, text: str) -> Path:
+    (tmp_path / "known_hosts").touch()
     path = tmp_path / "cluster.toml"
     path.write_text(text)
     return path
@@ -54,7 +55,7 @@ def test_good_file_loads_with_inherited_and_resolved_values(tmp_path: Path) -> N
     n1, n2, local = cluster.nodes["n1"], cluster.nodes["n2"], cluster.nodes["local1"]
     assert (n1.port, n1.user, n1.hypervisor, n1.hv_options) == (22, "herd", "kvm", {"run_dir": "/run/herd"})
     assert n1.identity_file == str(tmp_path / "keys/id_ed25519")  # relative to the file
-    assert n1.known_hosts == "/etc/herd/known_hosts"
+    assert n1.known_hosts == str(tmp_path / "known_hosts")
     assert (n2.port, n2.user, n2.hypervisor) == (2222, "ops", "fake")
     assert n2.agent_argv()[:3] == ["/opt/herd/bin/herd-agent", "--node", "n2"]
     assert n1.agent_argv() == [
@@ -70,18 +71,18 @@ def test_good_file_loads_with_inherited_and_resolved_values(tmp_path: Path) -> N
     ("text", "key", "reason"),
     [
         ("[cluster\nname='x'", "", "not valid TOML"),
-        ("[nodes.n1]\naddress='a'", "cluster", "missing table"),
-        ("[cluster]\nname='x'", "nodes", "missing or empty"),
-        ("[cluster]\nname='x'\ncolour='red'\n[nodes.a]\ntransport='local'", "cluster.colour", "unknown key"),
-        ("[cluster]\nname='x'\n[nodes.a]\ntransport='local'\nport='22'", "nodes.a.port", "Expected `int`, got `str`"),
-        ("[cluster]\nname='x'\n[nodes.a]\ntransport='local'\nport=70000", "nodes.a.port", "1..65535"),
-        ("[cluster]\nname='x'\n[nodes.a]\ntransport='local'\nhypervisor='xen'", "nodes.a.hypervisor", "'fake' or 'kvm'"),
-        ("[cluster]\nname='x'\n[nodes.a]\ntransport='carrier-pigeon'", "nodes.a.transport", "Invalid enum value"),
-        ("[cluster]\nname='x'\n[nodes.a]\naddress='h'", "nodes.a.user", "required for the ssh transport"),
-        ("[cluster]\nname='x'\nkeepalive_interval=0\n[nodes.a]\ntransport='local'", "cluster.keepalive_interval", "> 0"),
-        ("[cluster]\nname='x'\n[nodes.a]\ntransport='local'\nagent_command=[]", "nodes.a.agent_command", "non-empty"),
-        ("[cluster]\nname='x'\n[nodes.'bad name']\ntransport='local'", "nodes.bad name", "not a valid node name"),
-        ("[cluster]\nname='x'\n[nodes.a]\ntransport='local'\n[extras]\nx=1", "extras", "unknown table"),
+        ("[nodes.n1]\naddress='a'", "[cluster]", "missing table"),
+        ("[cluster]\nname='x'", "[nodes]", "missing or empty"),
+        ("[cluster]\nname='x'\ncolour='red'\n[nodes.a]\ntransport='local'", "[cluster] colour", "unknown key"),
+        ("[cluster]\nname='x'\n[nodes.a]\ntransport='local'\nport='22'", "[nodes.a] port", "Expected `int`, got `str`"),
+        ("[cluster]\nname='x'\n[nodes.a]\ntransport='local'\nport=70000", "[nodes.a] port", "1..65535"),
+        ("[cluster]\nname='x'\n[nodes.a]\ntransport='local'\nhypervisor='xen'", "[nodes.a] hypervisor", "'fake' or 'kvm'"),
+        ("[cluster]\nname='x'\n[nodes.a]\ntransport='carrier-pigeon'", "[nodes.a] transport", "Invalid enum value"),
+        ("[cluster]\nname='x'\n[nodes.a]\naddress='h'", "[nodes.a] user", "required for the ssh transport"),
+        ("[cluster]\nname='x'\nkeepalive_interval=0\n[nodes.a]\ntransport='local'", "[cluster] keepalive_interval", "> 0"),
+        ("[cluster]\nname='x'\n[nodes.a]\ntransport='local'\nagent_command=[]", "[nodes.a] agent_command", "non-empty"),
+        ("[cluster]\nname='x'\n[nodes.'bad name']\ntransport='local'", "[nodes.bad name]", "not a valid node name"),
+        ("[cluster]\nname='x'\n[nodes.a]\ntransport='local'\n[extras]\nx=1", "[extras]", "unknown table"),
     ],
 )
 def test_bad_files_name_file_key_and_reason(tmp_path: Path, text: str, key: str, reason: str) -> None:
