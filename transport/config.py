@@ -283,13 +283,11 @@ def check_known_hosts(node: NodeConfig, *, source: str | None) -> None:
             pass
     except FileNotFoundError:
         raise ConfigError(
-            f"{where}: file does not exist ({path}): create it ({scan} >> {path}) or fix [nodes.{node.name}] known_hosts",
-            node=node.name,
+            f"{where}: file does not exist ({path}): create it ({scan} >> {path}) or fix [nodes.{node.name}] known_hosts"
         ) from None
     except OSError as err:
         raise ConfigError(
-            f"{where}: file cannot be read ({path}: {err.strerror or err}): fix its permissions or [nodes.{node.name}] known_hosts",
-            node=node.name,
+            f"{where}: file cannot be read ({path}: {err.strerror or err}): fix its permissions or [nodes.{node.name}] known_hosts"
         ) from None
 
 

@@ -59,7 +59,11 @@ def load_known_hosts(cluster: ClusterConfig, node: NodeConfig) -> StrictKnownHos
     """The node's known_hosts, read now (ConfigError naming the file if it cannot be)."""
     path = node.known_hosts
     assert path is not None  # required for ssh nodes by the config loader
-    check_known_hosts(node, source=cluster.source)
+    try:
+        check_known_hosts(node, source=cluster.source)
+    except ConfigError as err:
+        err.node = node.name
+        raise
     try:
         with open(path, encoding="utf-8") as fh:
             text = fh.read()
