@@ -43,6 +43,8 @@ from .errors import ConfigError
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 DEFAULT_AGENT_COMMAND = ("python3", "-m", "transport.agent")
 _ENGINE_TABLES = frozenset({"instances", "engine"})
+#: Drivers that take a ``listen_host`` option (for incoming migrations).
+LISTEN_HOST_DRIVERS = frozenset({"fake", "kvm"})
 
 
 class NodeConfig(msgspec.Struct, kw_only=True, frozen=True):
@@ -59,11 +61,25 @@ class NodeConfig(msgspec.Struct, kw_only=True, frozen=True):
     agent_command: list[str] | None = None
     transport: Literal["local", "ssh"] = "ssh"
 
+    def driver_options(self) -> dict[str, Any]:
+        """The driver's options as the node's agent gets them.
+
+        The built-in drivers listen for incoming migrations on ``listen_host``
+        (default 127.0.0.1), while the engine tells the source to connect to the
+        target's ``address``: so an SSH node whose ``hv_options`` set no
+        ``listen_host`` listens on its ``address``, which the other nodes reach.
+        The local transport keeps the driver's loopback default.
+        """
+        options = dict(self.hv_options)
+        if self.transport == "ssh" and self.hypervisor in LISTEN_HOST_DRIVERS and "listen_host" not in options:
+            options["listen_host"] = self.address
+        return options
+
     def agent_argv(self) -> list[str]:
         """The agent's full argv: the command, then this node's options (JSON values)."""
         argv = list(self.agent_command or DEFAULT_AGENT_COMMAND)
         argv += ["--node", self.name, "--hypervisor", self.hypervisor]
-        for key, value in self.hv_options.items():
+        for key, value in self.driver_options().items():
             argv += ["--hv-option", f"{key}={msgspec.json.encode(value).decode()}"]
         return argv
 

@@ -59,7 +59,8 @@ def test_good_file_loads_with_inherited_and_resolved_values(tmp_path: Path) -> N
     assert (n2.port, n2.user, n2.hypervisor) == (2222, "ops", "fake")
     assert n2.agent_argv()[:3] == ["/opt/herd/bin/herd-agent", "--node", "n2"]
     assert n1.agent_argv() == [
-        "python3", "-m", "transport.agent", "--node", "n1", "--hypervisor", "kvm", "--hv-option", 'run_dir="/run/herd"'
+        "python3", "-m", "transport.agent", "--node", "n1", "--hypervisor", "kvm",
+        "--hv-option", 'run_dir="/run/herd"', "--hv-option", 'listen_host="10.0.0.1"',
     ]
     assert local.transport == "local"
     # The description round-trips through TOML.
@@ -116,3 +117,22 @@ async def _local_cluster_roundtrip(tmp_path: Path) -> None:
 @pytest.mark.anyio
 async def test_connect_picks_the_local_transport(tmp_path: Path) -> None:
     await _local_cluster_roundtrip(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("node", "listen_host"),
+    [
+        # An SSH node listens for incoming migrations where the others reach it: its address.
+        (transport.NodeConfig(name="a", address="10.0.0.7", hypervisor="fake"), "10.0.0.7"),
+        (transport.NodeConfig(name="a", address="n7.lab", hypervisor="kvm"), "n7.lab"),
+        # An explicit listen_host wins.
+        (transport.NodeConfig(name="a", address="10.0.0.7", hv_options={"listen_host": "0.0.0.0"}), "0.0.0.0"),
+        # The local transport keeps the driver's loopback default; unknown drivers get nothing added.
+        (transport.NodeConfig(name="a", address="10.0.0.7", transport="local"), None),
+        (transport.NodeConfig(name="a", address="10.0.0.7", hypervisor="tests.transport.drivers:RecordingHypervisor"), None),
+    ],
+)
+def test_driver_listen_host_defaults_to_the_node_address(node: transport.NodeConfig, listen_host: str | None) -> None:
+    assert node.driver_options().get("listen_host") == listen_host
+    options = [v for k, v in zip(node.agent_argv(), node.agent_argv()[1:]) if k == "--hv-option"]
+    assert (f'listen_host="{listen_host}"' in options) is (listen_host is not None and node.transport == "ssh")
