@@ -174,11 +174,11 @@ def load_cluster(path: str | os.PathLike[str]) -> ClusterConfig:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: cannot read: {err}") from None
+        raise ConfigError(f"{path}: cannot read ({err}): check the path and its permissions") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+        raise ConfigError(f"{path}: not valid TOML ({err}): fix the syntax there") from None
     cluster = parse_cluster(data, source=str(path), base_dir=path.parent)
     for node in cluster.nodes.values():
         if node.transport == "ssh":
@@ -194,24 +194,24 @@ def parse_cluster(data: dict[str, Any], *, source: str = "<cluster>", base_dir: 
 
     for key in data:
         if key not in ("cluster", "nodes") and key not in _ENGINE_TABLES:
-            raise fail(key, "unknown table (known: cluster, nodes; engine tables: instances, engine)")
+            raise fail(key, "unknown table: remove it (known: cluster, nodes; engine tables: instances, engine)")
     if "cluster" not in data:
-        raise fail("cluster", "missing table (it needs at least `name`)")
+        raise fail("cluster", "missing table: add [cluster] with at least name = \"…\"")
     cluster = _convert(data["cluster"], _ClusterTable, "cluster", fail)
     if not _NAME.match(cluster.name):
-        raise fail("cluster.name", f"{cluster.name!r} is not a valid name (letters, digits, . _ -)")
+        raise fail("cluster.name", f"not a valid name ({cluster.name!r}): use letters, digits, . _ - (at most 63)")
     raw_nodes = data.get("nodes")
     if not isinstance(raw_nodes, dict) or not raw_nodes:
         raise fail("nodes", "missing or empty: describe at least one node as [nodes.NAME]")
     for key in ("connect_timeout", "agent_start_timeout", "keepalive_interval", "reconnect_backoff_min", "reconnect_backoff_max"):
         if getattr(cluster, key) <= 0:
-            raise fail(f"cluster.{key}", f"must be > 0, got {getattr(cluster, key)!r}")
+            raise fail(f"cluster.{key}", f"must be > 0 ({getattr(cluster, key)!r}): set a positive number of seconds")
     if cluster.call_timeout is not None and cluster.call_timeout <= 0:
-        raise fail("cluster.call_timeout", f"must be > 0, got {cluster.call_timeout!r}")
+        raise fail("cluster.call_timeout", f"must be > 0 ({cluster.call_timeout!r}): set a positive number of seconds, or leave it out")
     if cluster.keepalive_count_max < 1:
-        raise fail("cluster.keepalive_count_max", f"must be ≥ 1, got {cluster.keepalive_count_max!r}")
+        raise fail("cluster.keepalive_count_max", f"must be ≥ 1 ({cluster.keepalive_count_max!r}): set a positive count")
     if cluster.reconnect_backoff_max < cluster.reconnect_backoff_min:
-        raise fail("cluster.reconnect_backoff_max", "must be ≥ reconnect_backoff_min")
+        raise fail("cluster.reconnect_backoff_max", f"must be ≥ reconnect_backoff_min ({cluster.reconnect_backoff_max!r} < {cluster.reconnect_backoff_min!r}): raise it")
 
     def resolve(value: str | None, key: str) -> str | None:
         if value is None:
@@ -225,20 +225,20 @@ def parse_cluster(data: dict[str, Any], *, source: str = "<cluster>", base_dir: 
     for name, raw in raw_nodes.items():
         where = f"nodes.{name}"
         if not _NAME.match(name):
-            raise fail(where, f"{name!r} is not a valid node name (letters, digits, . _ -)")
+            raise fail(where, f"not a valid node name ({name!r}): use letters, digits, . _ - (at most 63)")
         if not isinstance(raw, dict):
-            raise fail(where, "must be a table")
+            raise fail(where, f"must be a table ({type(raw).__name__}): write it as [nodes.{name}] with keys below it")
         table = _convert(raw, _NodeTable, where, fail)
         if not 0 < table.port < 65536:
-            raise fail(f"{where}.port", f"must be in 1..65535, got {table.port}")
+            raise fail(f"{where}.port", f"must be in 1..65535 ({table.port}): set the node's SSH port")
         if not table.address or any(c.isspace() for c in table.address):
-            raise fail(f"{where}.address", f"invalid address {table.address!r}")
+            raise fail(f"{where}.address", f"invalid address ({table.address!r}): set a host name or IP address without spaces")
         hypervisor = table.hypervisor or cluster.hypervisor
         if hypervisor not in ("fake", "kvm") and ":" not in hypervisor:
-            raise fail(f"{where}.hypervisor", f"must be 'fake' or 'kvm' (or module:Class), got {hypervisor!r}")
+            raise fail(f"{where}.hypervisor", f"must be 'fake' or 'kvm' (or module:Class) ({hypervisor!r}): fix the name")
         command = table.agent_command if table.agent_command is not None else cluster.agent_command
         if command is not None and (not command or not all(command)):
-            raise fail(f"{where}.agent_command", "must be a non-empty list of non-empty strings")
+            raise fail(f"{where}.agent_command", f"must be a non-empty list of non-empty strings ({command!r}): give the agent's argv")
         transport = table.transport or cluster.transport
         node = NodeConfig(
             name=name,
@@ -255,7 +255,7 @@ def parse_cluster(data: dict[str, Any], *, source: str = "<cluster>", base_dir: 
         if transport == "ssh":
             for key in ("user", "identity_file", "known_hosts"):
                 if getattr(node, key) is None:
-                    raise fail(f"{where}.{key}", "required for the ssh transport (set it here or in [cluster])")
+                    raise fail(f"{where}.{key}", "required for the ssh transport (missing): set it here or in [cluster]")
         nodes[name] = node
     return ClusterConfig(
         name=cluster.name,
@@ -318,5 +318,23 @@ def _convert(raw: Any, type_: type, where: str, fail: Any) -> Any:
         reason = text[: match.start()] if match else text
         unknown = re.search(r"unknown field `([^`]*)`", reason)
         if unknown:
-            key, reason = f"{key}.{unknown.group(1)}", "unknown key"
+            key, reason = f"{key}.{unknown.group(1)}", "unknown key: remove it or fix its spelling"
+        elif match:
+            value = _at_path(raw, match.group(1))
+            if value is not _MISSING:
+                reason += f" ({value!r:.60}): fix its type"
         raise fail(key, reason) from None
+
+
+_MISSING = object()
+
+
+def _at_path(raw: Any, path: str) -> Any:
+    """The value at msgspec's error path (``.port``, ``.agent_command[0]``) inside ``raw``."""
+    value = raw
+    for name, index in re.findall(r"\.([^.\[]+)|\[(\d+)\]", path):
+        try:
+            value = value[name] if name else value[int(index)]
+        except (KeyError, IndexError, TypeError):
+            return _MISSING
+    return value
