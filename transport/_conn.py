@@ -87,6 +87,7 @@ class ConnectAttempt:
 
     def __init__(self) -> None:
         self.done = anyio.Event()
+        self.scope = anyio.CancelScope()  # cancelled when the transport closes
         self.conn: AgentConnection | None = None
         self.error: TransportError | None = None
 
@@ -183,6 +184,8 @@ class ConnectionTransport(Transport):
         tg, self._tg = self._tg, None
         with anyio.CancelScope(shield=True):
             for state in self._states.values():
+                if state.attempt is not None:
+                    state.attempt.scope.cancel()
                 self._hangup(state, "transport closed")
             # Give connection tasks a moment to finish their cleanup (agents
             # cancel their calls and exit, SSH channels close) before cancelling.
@@ -309,7 +312,11 @@ class ConnectionTransport(Transport):
         assert self._tg is not None
         t0 = anyio.current_time()
         try:
-            conn: AgentConnection = await self._tg.start(self._run_connection, state)
+            with attempt.scope:
+                conn: AgentConnection = await self._tg.start(self._run_connection, state)
+            if attempt.scope.cancelled_caught:
+                log.info("connect abandoned: transport closing", node=state.name)
+                return
         except Exception as err:  # noqa: BLE001 - any failure to connect means unreachable
             cause = _transport_error(err)
             if cause is None:
