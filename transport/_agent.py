@@ -46,6 +46,7 @@ from .protocol import (
     Oversized,
     check_version,
     decode_frame,
+    frame_head_id,
     decode_params,
     encode_frame,
     error_payload,
@@ -131,7 +132,8 @@ class Agent:
         try:
             frame = decode_frame(line)
         except ProtocolError as err:
-            self._refuse(None, err)
+            fid = frame_head_id(line)  # answer the id when the frame starts like ours
+            self._refuse(fid if valid_id(fid) else None, err)
             return
         fid = frame.get("id")
         reply_id = fid if valid_id(fid) else None

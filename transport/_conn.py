@@ -5,14 +5,23 @@ close it: it owns a task group in which each node's connection (its agent
 stream reader, for SSH the connection itself) runs. A node's connection is
 opened on first use and reused; when it dies, the next call opens a new one,
 after a backoff if the last attempt failed.
+
+A connect attempt runs in the transport's task group, not in the caller's
+task: every stage of it has its own deadline (see the subclasses), so a stuck
+attempt ends, is cleaned up and logged with the stage it was stuck in, however
+short the callers' deadlines are. Callers only wait for the attempt's outcome,
+each within its own deadline; concurrent callers share one attempt, and the
+call after a failed attempt starts a fresh one.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
+import copy
 import math
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import anyio
@@ -23,7 +32,7 @@ from hv.errors import HypervisorError
 
 from ._base import NodeClient, ProgressCallback, Transport
 from .client import AgentConnection
-from .errors import CallTimeout, NodeUnreachable, ProtocolError, TransportError, UnknownNode
+from .errors import CallTimeout, ConfigError, HostKeyError, NodeUnreachable, ProtocolError, TransportError, UnknownNode
 from .faults import TransportFaults
 from .protocol import decode_result, encode_params
 
@@ -46,17 +55,55 @@ def _transport_error(err: BaseException) -> TransportError | None:
     return None
 
 
+@contextlib.contextmanager
+def connect_stage(node: str, stage: str | Callable[[], str], limit: float, detail: str = "") -> Iterator[None]:
+    """Bound one stage of a connect by ``limit`` seconds; overrunning it is NodeUnreachable naming the stage.
+
+    ``stage`` may be a callable: the stage reached when the deadline hit (the
+    SSH handshake reports its progress that way).
+    """
+    try:
+        with anyio.fail_after(limit):
+            yield
+    except TimeoutError as err:
+        if isinstance(err, TransportError):
+            raise
+        name = stage() if callable(stage) else stage
+        raise StageTimeout(
+            f"connect stuck in stage {name!r}{detail}: no progress within {limit:g}s; abandoned", node=node, stage=name
+        ) from None
+
+
+class StageTimeout(NodeUnreachable):
+    """A connect stage overran its deadline (``stage`` names it)."""
+
+    def __init__(self, message: str = "", *, node: str | None = None, stage: str = "") -> None:
+        super().__init__(message, node=node)
+        self.stage = stage
+
+
+class ConnectAttempt:
+    """One connect attempt's outcome, awaited by every caller that needs the node."""
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.scope = anyio.CancelScope()  # cancelled when the transport closes
+        self.conn: AgentConnection | None = None
+        self.error: TransportError | None = None
+
+
 class NodeState:
     """One node's connection and reconnect bookkeeping."""
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.lock = anyio.Lock()
+        self.attempt: ConnectAttempt | None = None  # the connect in progress, if any
         self.conn: AgentConnection | None = None
         self.hangup: Callable[[], None] | None = None  # drops the link (sync)
         self.backoff = 0.0
         self.retry_at = -math.inf
         self.last_error: str | None = None
+        self.last_failure: TransportError | None = None
         self.connects = 0  # successful connection count (tests, metrics)
         self.task_done: anyio.Event | None = None  # set when the connection task ended
 
@@ -137,6 +184,8 @@ class ConnectionTransport(Transport):
         tg, self._tg = self._tg, None
         with anyio.CancelScope(shield=True):
             for state in self._states.values():
+                if state.attempt is not None:
+                    state.attempt.scope.cancel()
                 self._hangup(state, "transport closed")
             # Give connection tasks a moment to finish their cleanup (agents
             # cancel their calls and exit, SSH channels close) before cancelling.
@@ -233,38 +282,74 @@ class ConnectionTransport(Transport):
                 + (" (it was closed)" if self._closed else ""),
                 node=state.name,
             )
-        async with state.lock:
-            if state.conn is not None and state.conn.alive:
-                return state.conn
+        if state.conn is not None and state.conn.alive:
+            return state.conn
+        attempt = state.attempt
+        if attempt is None:
             now = anyio.current_time()
             if now < state.retry_at:
+                if isinstance(state.last_failure, (ConfigError, HostKeyError)):
+                    # Not a transient failure: say what is wrong, not "unreachable".
+                    raise copy.copy(state.last_failure).with_traceback(None) from None
                 raise NodeUnreachable(
                     f"not reconnecting for another {state.retry_at - now:.1f}s (backoff); last error: {state.last_error}",
                     node=state.name,
                 )
-            try:
+            state.attempt = attempt = ConnectAttempt()
+            self._tg.start_soon(self._connect, state, attempt, name=f"connect {state.name}")
+        # Our own deadline bounds this wait; the attempt goes on (bounded by its
+        # stage deadlines) and its outcome serves the next caller.
+        await attempt.done.wait()
+        if attempt.conn is not None:
+            return attempt.conn
+        err = attempt.error or NodeUnreachable("connect abandoned: the transport is closing", node=state.name)
+        # A fresh exception per caller: one raised in many tasks would share a traceback.
+        fresh = copy.copy(err)
+        raise fresh.with_traceback(None) from None
+
+    async def _connect(self, state: NodeState, attempt: ConnectAttempt) -> None:
+        """Run one connect attempt to its end (success, failure or a stage deadline) and log it."""
+        assert self._tg is not None
+        t0 = anyio.current_time()
+        try:
+            with attempt.scope:
                 conn: AgentConnection = await self._tg.start(self._run_connection, state)
-            except Exception as err:  # noqa: BLE001 - any failure to connect means unreachable
-                cause = _transport_error(err)
-                if cause is None:
-                    cause = NodeUnreachable(f"cannot connect: {err!r}", node=state.name)
-                    cause.__cause__ = err
-                self._note_failure(state, cause)
-                raise cause from None
+            if attempt.scope.cancelled_caught:
+                log.info("connect abandoned: transport closing", node=state.name)
+                return
+        except Exception as err:  # noqa: BLE001 - any failure to connect means unreachable
+            cause = _transport_error(err)
+            if cause is None:
+                cause = NodeUnreachable(f"cannot connect: {err!r}", node=state.name)
+                cause.__cause__ = err
+            attempt.error = state.last_failure = cause
+            self._note_failure(state, cause, elapsed=anyio.current_time() - t0)
+        else:
             state.backoff = 0.0
             state.retry_at = -math.inf
             state.last_error = None
+            state.last_failure = None
             state.connects += 1
-            state.conn = conn
-            return conn
+            state.conn = attempt.conn = conn
+            log.info("connected", node=state.name, elapsed=round(anyio.current_time() - t0, 3))
+        finally:
+            state.attempt = None
+            attempt.done.set()
 
-    def _note_failure(self, state: NodeState, err: BaseException) -> None:
+    def _note_failure(self, state: NodeState, err: BaseException, *, elapsed: float = 0.0) -> None:
         state.last_error = str(err)
         base = self.backoff_min if state.backoff == 0 else min(self.backoff_max, state.backoff * 2)
         state.backoff = base
         # Jitter in [base/2, base] so that many engines do not reconnect in step.
         state.retry_at = anyio.current_time() + base * (0.5 + 0.5 * self._rng.random())
-        log.warning("connect failed", node=state.name, error=str(err), retry_in=round(state.retry_at - anyio.current_time(), 2))
+        log.warning(
+            "connect failed",
+            node=state.name,
+            stage=getattr(err, "stage", None),
+            elapsed=round(elapsed, 3),
+            error=str(err),
+            retry_in=round(state.retry_at - anyio.current_time(), 2),
+        )
 
     async def _run_connection(self, state: NodeState, *, task_status: anyio.abc.TaskStatus[AgentConnection]) -> None:
         started = False

@@ -27,6 +27,7 @@ from .protocol import (
     decode_frame,
     encode_frame,
     error_from_payload,
+    frame_head_id,
 )
 
 log = structlog.get_logger("herd.transport")
@@ -133,6 +134,12 @@ class AgentConnection:
         try:
             frame = decode_frame(line)
         except ProtocolError as err:
+            fid = frame_head_id(line)
+            pending = self._pending.get(fid) if isinstance(fid, int) else None
+            if pending is not None:  # a reply we cannot decode fails its call now, not at its deadline
+                pending.frame = ProtocolError(f"{pending.method}: bad reply from the agent: {err.message}", node=self.node)
+                pending.done.set()
+                return
             # Noise on stdout (a login banner, a stray print) must not kill the calls.
             self._log.warning("non-frame output from agent ignored", error=err.message)
             return

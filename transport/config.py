@@ -8,7 +8,8 @@ Loaded from TOML by :func:`load_cluster`::
     user = "root"                # defaults for every node (a node may override)
     identity_file = "id_ed25519" # relative paths are relative to this file
     known_hosts = "known_hosts"
-    connect_timeout = 10.0       # TCP + SSH handshake + agent hello, seconds
+    connect_timeout = 10.0       # TCP connect + SSH handshake + authentication, seconds
+    agent_start_timeout = 10.0   # opening the agent's session + its hello, seconds
     keepalive_interval = 1.0     # SSH keepalive period, seconds
     keepalive_count_max = 2      # unanswered keepalives before the node is unreachable
     reconnect_backoff_min = 0.2  # first wait after a failed connect, seconds
@@ -42,6 +43,8 @@ from .errors import ConfigError
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 DEFAULT_AGENT_COMMAND = ("python3", "-m", "transport.agent")
 _ENGINE_TABLES = frozenset({"instances", "engine"})
+#: Drivers that take a ``listen_host`` option (for incoming migrations).
+LISTEN_HOST_DRIVERS = frozenset({"fake", "kvm"})
 
 
 class NodeConfig(msgspec.Struct, kw_only=True, frozen=True):
@@ -58,11 +61,25 @@ class NodeConfig(msgspec.Struct, kw_only=True, frozen=True):
     agent_command: list[str] | None = None
     transport: Literal["local", "ssh"] = "ssh"
 
+    def driver_options(self) -> dict[str, Any]:
+        """The driver's options as the node's agent gets them.
+
+        The built-in drivers listen for incoming migrations on ``listen_host``
+        (default 127.0.0.1), while the engine tells the source to connect to the
+        target's ``address``: so an SSH node whose ``hv_options`` set no
+        ``listen_host`` listens on its ``address``, which the other nodes reach.
+        The local transport keeps the driver's loopback default.
+        """
+        options = dict(self.hv_options)
+        if self.transport == "ssh" and self.hypervisor in LISTEN_HOST_DRIVERS and "listen_host" not in options:
+            options["listen_host"] = self.address
+        return options
+
     def agent_argv(self) -> list[str]:
         """The agent's full argv: the command, then this node's options (JSON values)."""
         argv = list(self.agent_command or DEFAULT_AGENT_COMMAND)
         argv += ["--node", self.name, "--hypervisor", self.hypervisor]
-        for key, value in self.hv_options.items():
+        for key, value in self.driver_options().items():
             argv += ["--hv-option", f"{key}={msgspec.json.encode(value).decode()}"]
         return argv
 
@@ -73,6 +90,7 @@ class ClusterConfig(msgspec.Struct, kw_only=True, frozen=True):
     name: str
     nodes: dict[str, NodeConfig]
     connect_timeout: float = 10.0
+    agent_start_timeout: float = 10.0
     keepalive_interval: float = 1.0
     keepalive_count_max: int = 2
     reconnect_backoff_min: float = 0.2
@@ -85,6 +103,7 @@ class ClusterConfig(msgspec.Struct, kw_only=True, frozen=True):
         lines = ["[cluster]", f"name = {_toml(self.name)}"]
         for key in (
             "connect_timeout",
+            "agent_start_timeout",
             "keepalive_interval",
             "keepalive_count_max",
             "reconnect_backoff_min",
@@ -129,6 +148,7 @@ class _ClusterTable(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     hypervisor: str = "fake"
     agent_command: list[str] | None = None
     connect_timeout: float = 10.0
+    agent_start_timeout: float = 10.0
     keepalive_interval: float = 1.0
     keepalive_count_max: int = 2
     reconnect_backoff_min: float = 0.2
@@ -154,40 +174,44 @@ def load_cluster(path: str | os.PathLike[str]) -> ClusterConfig:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: cannot read: {err}") from None
+        raise ConfigError(f"{path}: cannot read ({err}): check the path and its permissions") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: not valid TOML: {err}") from None
-    return parse_cluster(data, source=str(path), base_dir=path.parent)
+        raise ConfigError(f"{path}: not valid TOML ({err}): fix the syntax there") from None
+    cluster = parse_cluster(data, source=str(path), base_dir=path.parent)
+    for node in cluster.nodes.values():
+        if node.transport == "ssh":
+            check_known_hosts(node, source=str(path))
+    return cluster
 
 
 def parse_cluster(data: dict[str, Any], *, source: str = "<cluster>", base_dir: Path | None = None) -> ClusterConfig:
     """Validate an already parsed cluster description."""
 
     def fail(key: str, reason: str) -> ConfigError:
-        return ConfigError(f"{source}: {key}: {reason}")
+        return ConfigError(f"{source}: {_where(key)}: {reason}")
 
     for key in data:
         if key not in ("cluster", "nodes") and key not in _ENGINE_TABLES:
-            raise fail(key, "unknown table (known: cluster, nodes; engine tables: instances, engine)")
+            raise fail(key, "unknown table: remove it (known: cluster, nodes; engine tables: instances, engine)")
     if "cluster" not in data:
-        raise fail("cluster", "missing table (it needs at least `name`)")
+        raise fail("cluster", "missing table: add [cluster] with at least name = \"…\"")
     cluster = _convert(data["cluster"], _ClusterTable, "cluster", fail)
     if not _NAME.match(cluster.name):
-        raise fail("cluster.name", f"{cluster.name!r} is not a valid name (letters, digits, . _ -)")
+        raise fail("cluster.name", f"not a valid name ({cluster.name!r}): use letters, digits, . _ - (at most 63)")
     raw_nodes = data.get("nodes")
     if not isinstance(raw_nodes, dict) or not raw_nodes:
         raise fail("nodes", "missing or empty: describe at least one node as [nodes.NAME]")
-    for key in ("connect_timeout", "keepalive_interval", "reconnect_backoff_min", "reconnect_backoff_max"):
+    for key in ("connect_timeout", "agent_start_timeout", "keepalive_interval", "reconnect_backoff_min", "reconnect_backoff_max"):
         if getattr(cluster, key) <= 0:
-            raise fail(f"cluster.{key}", f"must be > 0, got {getattr(cluster, key)!r}")
+            raise fail(f"cluster.{key}", f"must be > 0 ({getattr(cluster, key)!r}): set a positive number of seconds")
     if cluster.call_timeout is not None and cluster.call_timeout <= 0:
-        raise fail("cluster.call_timeout", f"must be > 0, got {cluster.call_timeout!r}")
+        raise fail("cluster.call_timeout", f"must be > 0 ({cluster.call_timeout!r}): set a positive number of seconds, or leave it out")
     if cluster.keepalive_count_max < 1:
-        raise fail("cluster.keepalive_count_max", f"must be ≥ 1, got {cluster.keepalive_count_max!r}")
+        raise fail("cluster.keepalive_count_max", f"must be ≥ 1 ({cluster.keepalive_count_max!r}): set a positive count")
     if cluster.reconnect_backoff_max < cluster.reconnect_backoff_min:
-        raise fail("cluster.reconnect_backoff_max", "must be ≥ reconnect_backoff_min")
+        raise fail("cluster.reconnect_backoff_max", f"must be ≥ reconnect_backoff_min ({cluster.reconnect_backoff_max!r} < {cluster.reconnect_backoff_min!r}): raise it")
 
     def resolve(value: str | None, key: str) -> str | None:
         if value is None:
@@ -201,20 +225,20 @@ def parse_cluster(data: dict[str, Any], *, source: str = "<cluster>", base_dir: 
     for name, raw in raw_nodes.items():
         where = f"nodes.{name}"
         if not _NAME.match(name):
-            raise fail(where, f"{name!r} is not a valid node name (letters, digits, . _ -)")
+            raise fail(where, f"not a valid node name ({name!r}): use letters, digits, . _ - (at most 63)")
         if not isinstance(raw, dict):
-            raise fail(where, "must be a table")
+            raise fail(where, f"must be a table ({type(raw).__name__}): write it as [nodes.{name}] with keys below it")
         table = _convert(raw, _NodeTable, where, fail)
         if not 0 < table.port < 65536:
-            raise fail(f"{where}.port", f"must be in 1..65535, got {table.port}")
+            raise fail(f"{where}.port", f"must be in 1..65535 ({table.port}): set the node's SSH port")
         if not table.address or any(c.isspace() for c in table.address):
-            raise fail(f"{where}.address", f"invalid address {table.address!r}")
+            raise fail(f"{where}.address", f"invalid address ({table.address!r}): set a host name or IP address without spaces")
         hypervisor = table.hypervisor or cluster.hypervisor
         if hypervisor not in ("fake", "kvm") and ":" not in hypervisor:
-            raise fail(f"{where}.hypervisor", f"must be 'fake' or 'kvm' (or module:Class), got {hypervisor!r}")
+            raise fail(f"{where}.hypervisor", f"must be 'fake' or 'kvm' (or module:Class) ({hypervisor!r}): fix the name")
         command = table.agent_command if table.agent_command is not None else cluster.agent_command
         if command is not None and (not command or not all(command)):
-            raise fail(f"{where}.agent_command", "must be a non-empty list of non-empty strings")
+            raise fail(f"{where}.agent_command", f"must be a non-empty list of non-empty strings ({command!r}): give the agent's argv")
         transport = table.transport or cluster.transport
         node = NodeConfig(
             name=name,
@@ -231,12 +255,13 @@ def parse_cluster(data: dict[str, Any], *, source: str = "<cluster>", base_dir: 
         if transport == "ssh":
             for key in ("user", "identity_file", "known_hosts"):
                 if getattr(node, key) is None:
-                    raise fail(f"{where}.{key}", "required for the ssh transport (set it here or in [cluster])")
+                    raise fail(f"{where}.{key}", "required for the ssh transport (missing): set it here or in [cluster]")
         nodes[name] = node
     return ClusterConfig(
         name=cluster.name,
         nodes=nodes,
         connect_timeout=cluster.connect_timeout,
+        agent_start_timeout=cluster.agent_start_timeout,
         keepalive_interval=cluster.keepalive_interval,
         keepalive_count_max=cluster.keepalive_count_max,
         reconnect_backoff_min=cluster.reconnect_backoff_min,
@@ -244,6 +269,42 @@ def parse_cluster(data: dict[str, Any], *, source: str = "<cluster>", base_dir: 
         call_timeout=cluster.call_timeout,
         source=source,
     )
+
+
+def _where(key: str) -> str:
+    """``nodes.n1.port`` → ``[nodes.n1] port``; ``cluster.name`` → ``[cluster] name``; ``nodes`` → ``[nodes]``."""
+    if key in ("cluster", "nodes") or "." not in key:
+        return f"[{key}]"
+    if key.startswith("nodes."):
+        parts = key.split(".", 2)
+        return f"[nodes.{parts[1]}]" + (f" {parts[2]}" if len(parts) > 2 else "")
+    table, _, rest = key.partition(".")
+    return f"[{table}] {rest}"
+
+
+def check_known_hosts(node: NodeConfig, *, source: str | None) -> None:
+    """Refuse a known_hosts file that is missing or unreadable, naming it (ConfigError).
+
+    Checked when a cluster file is loaded and again at each SSH connect: else
+    asyncssh reports a missing file as a failed connect and an unreadable one
+    as an unknown host key.
+    """
+    path = node.known_hosts
+    if path is None:
+        return
+    where = f"{source or '<cluster>'}: [nodes.{node.name}] known_hosts"
+    scan = f"ssh-keyscan {node.address}" if node.port == 22 else f"ssh-keyscan -p {node.port} {node.address}"
+    try:
+        with open(path, "rb"):
+            pass
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{where}: file does not exist ({path}): create it ({scan} >> {path}) or fix [nodes.{node.name}] known_hosts"
+        ) from None
+    except OSError as err:
+        raise ConfigError(
+            f"{where}: file cannot be read ({path}: {err.strerror or err}): fix its permissions or [nodes.{node.name}] known_hosts"
+        ) from None
 
 
 def _convert(raw: Any, type_: type, where: str, fail: Any) -> Any:
@@ -257,5 +318,23 @@ def _convert(raw: Any, type_: type, where: str, fail: Any) -> Any:
         reason = text[: match.start()] if match else text
         unknown = re.search(r"unknown field `([^`]*)`", reason)
         if unknown:
-            key, reason = f"{key}.{unknown.group(1)}", "unknown key"
+            key, reason = f"{key}.{unknown.group(1)}", "unknown key: remove it or fix its spelling"
+        elif match:
+            value = _at_path(raw, match.group(1))
+            if value is not _MISSING:
+                reason += f" ({value!r:.60}): fix its type"
         raise fail(key, reason) from None
+
+
+_MISSING = object()
+
+
+def _at_path(raw: Any, path: str) -> Any:
+    """The value at msgspec's error path (``.port``, ``.agent_command[0]``) inside ``raw``."""
+    value = raw
+    for name, index in re.findall(r"\.([^.\[]+)|\[(\d+)\]", path):
+        try:
+            value = value[name] if name else value[int(index)]
+        except (KeyError, IndexError, TypeError):
+            return _MISSING
+    return value

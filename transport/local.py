@@ -38,8 +38,8 @@ def _receiver(stream: MemoryObjectReceiveStream[bytes]) -> Callable[[], object]:
 
 
 def _build_drivers(cluster: ClusterConfig) -> dict[str, BaseHypervisor]:
-    """``hv.get_hypervisor(node.hypervisor, **node.hv_options, node=name)`` for every node."""
-    return {name: build_driver(node.hypervisor, name, node.hv_options) for name, node in cluster.nodes.items()}
+    """``hv.get_hypervisor(node.hypervisor, **node.driver_options(), node=name)`` for every node."""
+    return {name: build_driver(node.hypervisor, name, node.driver_options()) for name, node in cluster.nodes.items()}
 
 
 class LocalTransport(ConnectionTransport):

@@ -27,6 +27,8 @@ the call when it runs out even if the client's cancel frame never arrives
 from __future__ import annotations
 
 import inspect
+import itertools
+import operator
 import re
 import typing
 from collections.abc import Awaitable, Callable
@@ -47,6 +49,12 @@ PROTOCOL_VERSION = 1
 MAX_REQUEST_FRAME = 1 << 20
 #: Largest frame the client accepts (a reply can carry a long instance list).
 MAX_REPLY_FRAME = 16 << 20
+
+#: Deepest nesting of arrays/objects a frame may have. Legitimate frames nest a
+#: handful of levels (hv Structs inside a list inside ``params``); a bound keeps
+#: msgspec's decoder (which recurses, and raises RecursionError near the
+#: interpreter's limit of ~1000) and every later walk of the value safe.
+MAX_NESTING = 64
 
 #: Error ``kind`` values: a driver's hv error, a broken frame, a driver bug.
 KIND_HV = "hv"
@@ -213,11 +221,7 @@ class Oversized:
 
     @property
     def frame_id(self) -> int | str | None:
-        match = _HEAD_ID.match(self.head)
-        if match is None:
-            return None
-        raw = match.group(1)
-        return raw[1:-1].decode(errors="replace") if raw.startswith(b'"') else int(raw)
+        return frame_head_id(self.head)
 
 
 class FrameReader:
@@ -271,12 +275,51 @@ class FrameReader:
                 self._buf += chunk
 
 
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKETS = bytes(range(256)).translate(None, b"[]{}")
+_BRACKET_WEIGHT = bytes.maketrans(b"[]{}", b"\x02\x00\x02\x00")
+
+
+def nesting_depth(line: bytes) -> int:
+    """How deep arrays/objects nest in the JSON text ``line`` (brackets in strings ignored).
+
+    The scan runs in C (regex, translate, accumulate): ~70 ms for 1 MB of brackets.
+    """
+    brackets = _STRING.sub(b"", line).translate(None, _NOT_BRACKETS).translate(_BRACKET_WEIGHT)
+    # An opener weighs 2, a closer 0: the prefix sum minus the position is the depth there.
+    return max(map(operator.sub, itertools.accumulate(brackets), itertools.count(1)), default=0)
+
+
+def frame_head_id(line: bytes) -> int | str | None:
+    """The id of a frame in our own encoding (``{"v":1,"id":…``) read from its first bytes.
+
+    Used to answer (or fail the call of) a frame that cannot be decoded whole.
+    """
+    match = _HEAD_ID.match(line[:256])
+    if match is None:
+        return None
+    raw = match.group(1)
+    return raw[1:-1].decode(errors="replace") if raw.startswith(b'"') else int(raw)
+
+
 def decode_frame(line: bytes) -> dict[str, Any]:
-    """Parse one line into a frame object (ProtocolError says why not)."""
+    """Parse one line into a frame object (ProtocolError says why not).
+
+    Nesting deeper than :data:`MAX_NESTING` is refused before decoding, and a
+    RecursionError from the decoder is caught as a backstop: no line can crash
+    the reader that decodes it.
+    """
+    # Fewer openers than the bound cannot nest deeper than it: no scan needed.
+    openers = line.count(b"[") + line.count(b"{")
+    depth = nesting_depth(line) if openers > MAX_NESTING else 0
+    if depth > MAX_NESTING:
+        raise ProtocolError(f"frame nests arrays/objects deeper than {MAX_NESTING} levels ({depth}): {line[:40]!r}")
     try:
         frame = _decoder.decode(line)
     except msgspec.DecodeError as err:
         raise ProtocolError(f"frame is not valid JSON ({err}): {line[:80]!r}") from None
+    except RecursionError:
+        raise ProtocolError(f"frame nests arrays/objects deeper than {MAX_NESTING} levels: {line[:40]!r}") from None
     if not isinstance(frame, dict):
         raise ProtocolError(f"frame must be a JSON object, got {_json_type(frame)}")
     return frame
@@ -296,6 +339,7 @@ def valid_id(value: Any) -> bool:
 
 __all__ = [
     "MAX_REPLY_FRAME",
+    "MAX_NESTING",
     "MAX_REQUEST_FRAME",
     "METHODS",
     "PROTOCOL_VERSION",
@@ -308,10 +352,12 @@ __all__ = [
     "decode_result",
     "encode_frame",
     "encode_params",
+    "frame_head_id",
     "error_from_payload",
     "error_payload",
     "from_wire",
     "method_spec",
+    "nesting_depth",
     "to_wire",
     "valid_id",
 ]

@@ -9,6 +9,15 @@
   password, no ``~/.ssh/config``); host keys verified against the node's
   ``known_hosts`` file — an unknown or changed key is refused with
   :class:`~transport.errors.HostKeyError`, never trusted.
+- Every stage of a connect has a deadline: TCP connect, SSH handshake and
+  authentication share ``connect_timeout``; opening the agent's session and
+  the agent's hello share ``agent_start_timeout``. A stage that overruns is
+  abandoned (the SSH connection aborted), logged with the stage and the time
+  spent, and the call fails with ``NodeUnreachable`` naming the stage.
+- known_hosts is read by herd (a missing or unreadable file is a
+  :class:`~transport.errors.ConfigError` naming it, never "unknown host key")
+  and matched as OpenSSH does: a plain ``host`` entry is for port 22 only; any
+  other port needs a ``[host]:port`` entry.
 - Keepalives (``keepalive_interval`` × ``keepalive_count_max``) report a dead
   or partitioned node as ``NodeUnreachable`` within seconds; the next call
   reconnects, with a jittered exponential backoff between failed attempts.
@@ -26,23 +35,67 @@ import anyio
 import asyncssh
 import structlog
 
-from ._conn import ConnectionTransport, NodeState
+from ._conn import ConnectionTransport, NodeState, StageTimeout, connect_stage
 from .client import AgentConnection
-from .config import ClusterConfig, NodeConfig
-from .errors import HostKeyError, NodeUnreachable
+from .config import ClusterConfig, NodeConfig, check_known_hosts
+from .errors import ConfigError, HostKeyError, NodeUnreachable
 
 log = structlog.get_logger("herd.transport.ssh")
 
 
-def _ssh_options(cluster: ClusterConfig, node: NodeConfig) -> dict[str, Any]:
+class StrictKnownHosts(asyncssh.SSHKnownHosts):
+    """known_hosts matched as OpenSSH does: a port other than 22 needs a ``[host]:port`` entry.
+
+    asyncssh's own match retries without the port when nothing matched
+    ``[host]:port``, so a plain ``host`` entry (meant for port 22) would vouch
+    for every port of that host, e.g. another user's sshd on port 2222.
+    """
+
+    def match(self, host: str, addr: str, port: int | None) -> Any:
+        return self._match(host, addr, port if port and port != 22 else None)
+
+
+def load_known_hosts(cluster: ClusterConfig, node: NodeConfig) -> StrictKnownHosts:
+    """The node's known_hosts, read now (ConfigError naming the file if it cannot be)."""
+    path = node.known_hosts
+    assert path is not None  # required for ssh nodes by the config loader
+    try:
+        check_known_hosts(node, source=cluster.source)
+    except ConfigError as err:
+        err.node = node.name
+        raise
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(
+            f"{cluster.source or '<cluster>'}: [nodes.{node.name}] known_hosts: cannot be read ({path}: "
+            f"{getattr(err, 'strerror', None) or err}): fix its permissions or path",
+            node=node.name,
+        ) from None
+    known = StrictKnownHosts()
+    try:
+        known.load(text)
+    except (ValueError, asyncssh.Error) as err:
+        raise ConfigError(
+            f"{cluster.source or '<cluster>'}: [nodes.{node.name}] known_hosts: not a known_hosts file ({path}: {err}): "
+            "regenerate it with ssh-keyscan",
+            node=node.name,
+        ) from None
+    return known
+
+
+def _ssh_options(cluster: ClusterConfig, node: NodeConfig, known_hosts: StrictKnownHosts) -> dict[str, Any]:
     return {
         "port": node.port,
         "username": node.user,
         "client_keys": [node.identity_file] if node.identity_file else [],
-        "known_hosts": node.known_hosts,
+        "known_hosts": known_hosts,
         "keepalive_interval": cluster.keepalive_interval,
         "keepalive_count_max": cluster.keepalive_count_max,
-        "connect_timeout": cluster.connect_timeout,
+        # Our own stage deadline (connect_stage) bounds the connect; asyncssh's
+        # would end it without saying which stage it was stuck in.
+        "connect_timeout": None,
         "login_timeout": cluster.connect_timeout,
         "preferred_auth": "publickey",
         "agent_path": None,
@@ -52,19 +105,31 @@ def _ssh_options(cluster: ClusterConfig, node: NodeConfig) -> dict[str, Any]:
     }
 
 
-def describe_host_key_error(node: NodeConfig, err: Exception) -> HostKeyError:
+class _StageClient(asyncssh.SSHClient):
+    """Tracks how far the SSH connect got, to name the stage a deadline hit."""
+
+    def __init__(self) -> None:
+        self.stage = "tcp connect"
+        self.conn: asyncssh.SSHClientConnection | None = None
+
+    def connection_made(self, conn: asyncssh.SSHClientConnection) -> None:
+        self.conn = conn
+        self.stage = "ssh handshake"
+
+    def begin_auth(self, username: str) -> None:
+        self.stage = "ssh authentication"
+
+
+def describe_host_key_error(node: NodeConfig, err: Exception, known_hosts: StrictKnownHosts | None = None) -> HostKeyError:
     """Say whether the key is unknown (no entry) or changed (entries, none match)."""
     known = False
-    if node.known_hosts:
-        try:
-            entries = asyncssh.read_known_hosts(node.known_hosts)
-            trusted = entries.match(node.address, node.address, node.port)[0]
-            known = bool(trusted)
-        except (OSError, ValueError, asyncssh.Error):
-            known = False
+    if known_hosts is not None:
+        known = bool(known_hosts.match(node.address, node.address, node.port)[0])
     what = "CHANGED: it does not match" if known else "UNKNOWN: it is not in"
+    entry = node.address if node.port == 22 else f"[{node.address}]:{node.port}"
     return HostKeyError(
-        f"host key of {node.address}:{node.port} is {what} {node.known_hosts}; connection refused ({err})",
+        f"host key of {node.address}:{node.port} is {what} {node.known_hosts} (looked for entries of {entry}); "
+        f"connection refused ({err})",
         node=node.name,
     )
 
@@ -89,19 +154,24 @@ class SshTransport(ConnectionTransport):
     async def _serve_connection(self, state: NodeState, started: Callable[[AgentConnection], None]) -> None:
         node = self.cluster.nodes[state.name]
         t0 = anyio.current_time()
+        known_hosts = load_known_hosts(self.cluster, node)
+        client = _StageClient()
+        where = f" of {node.address}:{node.port}"
+        ssh: asyncssh.SSHClientConnection | None = None
         try:
-            with anyio.fail_after(self.cluster.connect_timeout):
-                ssh = await asyncssh.connect(node.address, **_ssh_options(self.cluster, node))
+            with connect_stage(node.name, lambda: client.stage, self.cluster.connect_timeout, where):
+                ssh = await asyncssh.connect(
+                    node.address, client_factory=lambda: client, **_ssh_options(self.cluster, node, known_hosts)
+                )
         except asyncssh.HostKeyNotVerifiable as err:
-            raise describe_host_key_error(node, err) from None
+            raise describe_host_key_error(node, err, known_hosts) from None
         except asyncssh.PermissionDenied as err:
             raise NodeUnreachable(f"ssh authentication as {node.user!r} with {node.identity_file} refused: {err.reason}", node=node.name) from None
-        except TimeoutError:
-            raise NodeUnreachable(
-                f"cannot connect to {node.address}:{node.port} within {self.cluster.connect_timeout:g}s", node=node.name
-            ) from None
         except (OSError, asyncssh.Error) as err:
             raise NodeUnreachable(f"cannot connect to {node.address}:{node.port}: {err}", node=node.name) from None
+        finally:
+            if ssh is None and client.conn is not None:
+                client.conn.abort()  # an abandoned handshake: drop the socket now
         state.hangup = ssh.close
         try:
             await self._serve_agent(state, node, ssh, started, t0)
@@ -119,8 +189,11 @@ class SshTransport(ConnectionTransport):
         t0: float,
     ) -> None:
         command = shlex.join(node.agent_argv())
+        limit = self.cluster.agent_start_timeout
+        deadline = anyio.current_time() + limit
         try:
-            process = await ssh.create_process(command, encoding=None)
+            with connect_stage(node.name, "agent session", limit, f" ({command})"):
+                process = await ssh.create_process(command, encoding=None)
         except (OSError, asyncssh.Error) as err:
             raise NodeUnreachable(f"cannot start the agent ({command}): {err}", node=node.name) from None
         stdin, stdout, stderr = process.stdin, process.stdout, process.stderr
@@ -156,15 +229,22 @@ class SshTransport(ConnectionTransport):
                 tg.start_soon(conn.run_reader, receive)
                 tg.start_soon(pump_stderr)
                 try:
-                    hello = await conn.wait_hello(self.cluster.connect_timeout)
+                    with connect_stage(node.name, "agent hello", limit, f" ({command})"):
+                        hello = await conn.wait_hello(max(deadline - anyio.current_time(), 0.0))
                 except NodeUnreachable as err:
                     with anyio.move_on_after(1):
                         await process.wait_closed()
                     status = process.exit_status
                     detail = "; ".join(stderr_tail) or "no output on stderr"
-                    raise NodeUnreachable(
-                        f"{err.message} (command: {command}; exit status {status}; stderr: {detail})", node=node.name
-                    ) from None
+                    message = f"{err.message} (command: {command}; exit status {status}; stderr: {detail})"
+                    if isinstance(err, StageTimeout) or conn.alive:
+                        raise StageTimeout(
+                            f"connect stuck in stage 'agent hello': no hello within {limit:g}s of starting the agent; "
+                            f"abandoned (command: {command}; stderr: {detail})",
+                            node=node.name,
+                            stage="agent hello",
+                        ) from None
+                    raise NodeUnreachable(message, node=node.name) from None
                 self.setup_times[node.name].append(anyio.current_time() - t0)
                 log.info("agent connected", node=node.name, pid=hello.get("pid"))
                 started(conn)

@@ -46,6 +46,35 @@ def agent_command() -> list[str]:
     return ["env", f"PYTHONPATH={REPO_ROOT}", sys.executable, "-m", "transport.agent"]
 
 
+def _write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write ``path`` with exactly ``mode`` whatever the umask (keys, known_hosts, configs)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        os.fchmod(fd, mode)  # an existing file keeps its old mode through os.open
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+
+
+def _private_dir(path: Path) -> None:
+    """``path`` made if missing, and mode 0700 whatever the umask."""
+    path.mkdir(mode=0o700, parents=False, exist_ok=True)
+    os.chmod(path, 0o700)
+
+
+def _open_log(path: Path) -> int:
+    """A log file opened for appending, mode 0600 whatever the umask (a raw fd for the child)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    os.fchmod(fd, 0o600)
+    return fd
+
+
+#: The umask of the servers (and so of the agents): what they create is private.
+_CHILD_UMASK = 0o077
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -118,6 +147,7 @@ class LocalCluster:
         keepalive_count_max: int = 2,
         call_timeout: float | None = 60.0,
         connect_timeout: float = 10.0,
+        agent_start_timeout: float = 10.0,
     ) -> None:
         if server not in ("asyncssh", "sshd"):
             raise ValueError(f"server must be 'asyncssh' or 'sshd', got {server!r}")
@@ -132,6 +162,7 @@ class LocalCluster:
         self.keepalive_count_max = keepalive_count_max
         self.call_timeout = call_timeout
         self.connect_timeout = connect_timeout
+        self.agent_start_timeout = agent_start_timeout
         self.user = getpass.getuser()
         self._nodes = {name: _Node(name, self.base_dir / name) for name in self.names}
         self.identity_file = self.base_dir / "id_ed25519"
@@ -162,18 +193,18 @@ class LocalCluster:
 
     async def start(self) -> None:
         """Make keys, start every node's server, write known_hosts and cluster.toml."""
-        self.base_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.base_dir, 0o700)
+        # Every file and directory gets an explicit mode: under umask 000 the
+        # defaults would leave keys and known_hosts world-writable.
+        self.base_dir.parent.mkdir(parents=True, exist_ok=True)
+        _private_dir(self.base_dir)
         client_key = asyncssh.generate_private_key("ssh-ed25519", comment="herd-test-client")
-        client_key.write_private_key(str(self.identity_file))
-        os.chmod(self.identity_file, 0o600)
-        self.authorized_keys.write_bytes(client_key.export_public_key())
+        _write_private(self.identity_file, client_key.export_private_key())
+        _write_private(self.authorized_keys, client_key.export_public_key())
         for node in self._nodes.values():
-            node.root.mkdir(mode=0o700, exist_ok=True)
-            self.state_dir(node.name).mkdir(mode=0o700, exist_ok=True)
+            _private_dir(node.root)
+            _private_dir(self.state_dir(node.name))
             host_key = asyncssh.generate_private_key("ssh-ed25519", comment=f"herd-test-{node.name}")
-            host_key.write_private_key(str(node.host_key_path))
-            os.chmod(node.host_key_path, 0o600)
+            _write_private(node.host_key_path, host_key.export_private_key())
             node.host_public = " ".join(host_key.export_public_key().decode().split()[:2])
         if self.server == "sshd":
             _prepare_sshd()
@@ -182,8 +213,7 @@ class LocalCluster:
                 tg.start_soon(self._start_server, node)
         self.write_known_hosts()
         self.config = self._build_config()
-        self.config_path.write_text(self.config.to_toml(), encoding="utf-8")
-        os.chmod(self.config_path, 0o600)
+        _write_private(self.config_path, self.config.to_toml().encode())
 
     def write_known_hosts(self, overrides: Mapping[str, str] | None = None) -> None:
         """known_hosts for every node; ``overrides`` maps a node to another key line (tests)."""
@@ -191,7 +221,7 @@ class LocalCluster:
         for node in self._nodes.values():
             key = (overrides or {}).get(node.name) or node.host_public
             lines.append(f"[127.0.0.1]:{node.port} {key}")
-        self.known_hosts.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        _write_private(self.known_hosts, ("\n".join(lines) + "\n").encode())
 
     async def kill(self, node: str) -> None:
         """Stop the node's SSH server and every process under it (agents) with SIGKILL."""
@@ -261,6 +291,7 @@ class LocalCluster:
             name=self.cluster_name,
             nodes=nodes,
             connect_timeout=self.connect_timeout,
+            agent_start_timeout=self.agent_start_timeout,
             keepalive_interval=self.keepalive_interval,
             keepalive_count_max=self.keepalive_count_max,
             reconnect_backoff_min=0.1,
@@ -270,7 +301,7 @@ class LocalCluster:
         )
 
     async def _start_server(self, node: _Node) -> None:
-        log = open(node.log_path, "ab")  # noqa: SIM115 - handed to the child, closed below
+        log = _open_log(node.log_path)  # handed to the child, closed below
         try:
             if self.server == "asyncssh":
                 argv = [
@@ -280,7 +311,7 @@ class LocalCluster:
                 env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
                 node.process = await anyio.open_process(
                     argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, env=env,
-                    start_new_session=True, cwd=str(REPO_ROOT),
+                    start_new_session=True, cwd=str(REPO_ROOT), umask=_CHILD_UMASK,
                 )
                 node.port = await self._read_ready(node)
             else:
@@ -289,11 +320,11 @@ class LocalCluster:
                 config = self._write_sshd_config(node)
                 node.process = await anyio.open_process(
                     [SSHD, "-D", "-e", "-f", str(config)], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                    start_new_session=True,
+                    start_new_session=True, umask=_CHILD_UMASK,
                 )
                 await self._wait_listening(node)
         finally:
-            log.close()
+            os.close(log)
 
     async def _read_ready(self, node: _Node) -> int:
         assert node.process is not None and node.process.stdout is not None
@@ -327,7 +358,8 @@ class LocalCluster:
 
     def _write_sshd_config(self, node: _Node) -> Path:
         path = node.root / "sshd_config"
-        path.write_text(
+        _write_private(
+            path,
             "\n".join(
                 [
                     f"Port {node.port}",
@@ -350,10 +382,8 @@ class LocalCluster:
                     "LogLevel INFO",
                     "",
                 ]
-            ),
-            encoding="utf-8",
+            ).encode(),
         )
-        os.chmod(path, 0o600)
         return path
 
     def _log_tail(self, node: _Node) -> str:

@@ -14,7 +14,7 @@ GOOD = """
 name = "lab"
 user = "herd"
 identity_file = "keys/id_ed25519"
-known_hosts = "/etc/herd/known_hosts"
+known_hosts = "known_hosts"
 keepalive_interval = 0.5
 
 [nodes.n1]
@@ -43,6 +43,7 @@ db = "herd.db"
 
 
 def write(tmp_path: Path, text: str) -> Path:
+    (tmp_path / "known_hosts").touch()
     path = tmp_path / "cluster.toml"
     path.write_text(text)
     return path
@@ -54,11 +55,12 @@ def test_good_file_loads_with_inherited_and_resolved_values(tmp_path: Path) -> N
     n1, n2, local = cluster.nodes["n1"], cluster.nodes["n2"], cluster.nodes["local1"]
     assert (n1.port, n1.user, n1.hypervisor, n1.hv_options) == (22, "herd", "kvm", {"run_dir": "/run/herd"})
     assert n1.identity_file == str(tmp_path / "keys/id_ed25519")  # relative to the file
-    assert n1.known_hosts == "/etc/herd/known_hosts"
+    assert n1.known_hosts == str(tmp_path / "known_hosts")
     assert (n2.port, n2.user, n2.hypervisor) == (2222, "ops", "fake")
     assert n2.agent_argv()[:3] == ["/opt/herd/bin/herd-agent", "--node", "n2"]
     assert n1.agent_argv() == [
-        "python3", "-m", "transport.agent", "--node", "n1", "--hypervisor", "kvm", "--hv-option", 'run_dir="/run/herd"'
+        "python3", "-m", "transport.agent", "--node", "n1", "--hypervisor", "kvm",
+        "--hv-option", 'run_dir="/run/herd"', "--hv-option", 'listen_host="10.0.0.1"',
     ]
     assert local.transport == "local"
     # The description round-trips through TOML.
@@ -70,18 +72,18 @@ def test_good_file_loads_with_inherited_and_resolved_values(tmp_path: Path) -> N
     ("text", "key", "reason"),
     [
         ("[cluster\nname='x'", "", "not valid TOML"),
-        ("[nodes.n1]\naddress='a'", "cluster", "missing table"),
-        ("[cluster]\nname='x'", "nodes", "missing or empty"),
-        ("[cluster]\nname='x'\ncolour='red'\n[nodes.a]\ntransport='local'", "cluster.colour", "unknown key"),
-        ("[cluster]\nname='x'\n[nodes.a]\ntransport='local'\nport='22'", "nodes.a.port", "Expected `int`, got `str`"),
-        ("[cluster]\nname='x'\n[nodes.a]\ntransport='local'\nport=70000", "nodes.a.port", "1..65535"),
-        ("[cluster]\nname='x'\n[nodes.a]\ntransport='local'\nhypervisor='xen'", "nodes.a.hypervisor", "'fake' or 'kvm'"),
-        ("[cluster]\nname='x'\n[nodes.a]\ntransport='carrier-pigeon'", "nodes.a.transport", "Invalid enum value"),
-        ("[cluster]\nname='x'\n[nodes.a]\naddress='h'", "nodes.a.user", "required for the ssh transport"),
-        ("[cluster]\nname='x'\nkeepalive_interval=0\n[nodes.a]\ntransport='local'", "cluster.keepalive_interval", "> 0"),
-        ("[cluster]\nname='x'\n[nodes.a]\ntransport='local'\nagent_command=[]", "nodes.a.agent_command", "non-empty"),
-        ("[cluster]\nname='x'\n[nodes.'bad name']\ntransport='local'", "nodes.bad name", "not a valid node name"),
-        ("[cluster]\nname='x'\n[nodes.a]\ntransport='local'\n[extras]\nx=1", "extras", "unknown table"),
+        ("[nodes.n1]\naddress='a'", "[cluster]", "missing table"),
+        ("[cluster]\nname='x'", "[nodes]", "missing or empty"),
+        ("[cluster]\nname='x'\ncolour='red'\n[nodes.a]\ntransport='local'", "[cluster] colour", "unknown key"),
+        ("[cluster]\nname='x'\n[nodes.a]\ntransport='local'\nport='22'", "[nodes.a] port", "Expected `int`, got `str`"),
+        ("[cluster]\nname='x'\n[nodes.a]\ntransport='local'\nport=70000", "[nodes.a] port", "1..65535"),
+        ("[cluster]\nname='x'\n[nodes.a]\ntransport='local'\nhypervisor='xen'", "[nodes.a] hypervisor", "'fake' or 'kvm'"),
+        ("[cluster]\nname='x'\n[nodes.a]\ntransport='carrier-pigeon'", "[nodes.a] transport", "Invalid enum value"),
+        ("[cluster]\nname='x'\n[nodes.a]\naddress='h'", "[nodes.a] user", "required for the ssh transport"),
+        ("[cluster]\nname='x'\nkeepalive_interval=0\n[nodes.a]\ntransport='local'", "[cluster] keepalive_interval", "> 0"),
+        ("[cluster]\nname='x'\n[nodes.a]\ntransport='local'\nagent_command=[]", "[nodes.a] agent_command", "non-empty"),
+        ("[cluster]\nname='x'\n[nodes.'bad name']\ntransport='local'", "[nodes.bad name]", "not a valid node name"),
+        ("[cluster]\nname='x'\n[nodes.a]\ntransport='local'\n[extras]\nx=1", "[extras]", "unknown table"),
     ],
 )
 def test_bad_files_name_file_key_and_reason(tmp_path: Path, text: str, key: str, reason: str) -> None:
@@ -115,3 +117,22 @@ async def _local_cluster_roundtrip(tmp_path: Path) -> None:
 @pytest.mark.anyio
 async def test_connect_picks_the_local_transport(tmp_path: Path) -> None:
     await _local_cluster_roundtrip(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("node", "listen_host"),
+    [
+        # An SSH node listens for incoming migrations where the others reach it: its address.
+        (transport.NodeConfig(name="a", address="10.0.0.7", hypervisor="fake"), "10.0.0.7"),
+        (transport.NodeConfig(name="a", address="n7.lab", hypervisor="kvm"), "n7.lab"),
+        # An explicit listen_host wins.
+        (transport.NodeConfig(name="a", address="10.0.0.7", hv_options={"listen_host": "0.0.0.0"}), "0.0.0.0"),
+        # The local transport keeps the driver's loopback default; unknown drivers get nothing added.
+        (transport.NodeConfig(name="a", address="10.0.0.7", transport="local"), None),
+        (transport.NodeConfig(name="a", address="10.0.0.7", hypervisor="tests.transport.drivers:RecordingHypervisor"), None),
+    ],
+)
+def test_driver_listen_host_defaults_to_the_node_address(node: transport.NodeConfig, listen_host: str | None) -> None:
+    assert node.driver_options().get("listen_host") == listen_host
+    options = [v for k, v in zip(node.agent_argv(), node.agent_argv()[1:]) if k == "--hv-option"]
+    assert (f'listen_host="{listen_host}"' in options) is (listen_host is not None and node.transport == "ssh")
