@@ -115,6 +115,11 @@ def load_cluster(path: str | os.PathLike[str]) -> Cluster:
 
     data["instances"] = {}
     config = parse_cluster(data, source=str(path), base_dir=path.parent)
+    from transport.config import check_known_hosts
+
+    for node in config.nodes.values():
+        if node.transport == "ssh":
+            check_known_hosts(node, source=str(path))  # a missing file is a config error, not a dead node
     name = str(getattr(config, "name", None) or data.get("name") or "herd")
     cluster = Cluster(config=config, name=name)
     nodes = cluster.node_names or None

@@ -140,14 +140,11 @@ NODE = CLUSTER + '[nodes.n1]\naddress = "127.0.0.1"\ntransport = "local"\n'
         (CLUSTER + '[nodes.n1]\naddress = "127.0.0.1"\ntransport = "carrier-pigeon"\n', "transport"),
         (NODE + 'hypervisor = "vmware"\n', "hypervisor"),
         (CLUSTER + '[nodes."n 1;x"]\naddress = "127.0.0.1"\ntransport = "local"\n', "n 1;x"),
-        pytest.param(
+        (
             CLUSTER
             + 'transport = "ssh"\nuser = "root"\nidentity_file = "id_test"\nknown_hosts = "/nonexistent/known_hosts"\n'
             + '[nodes.n1]\naddress = "127.0.0.1"\n',
             "known_hosts",
-            # The cluster file is accepted today and the node fails at connect time;
-            # transport/config.py (task h9c) refuses it at load. Remove the mark then.
-            marks=pytest.mark.xfail(strict=True, reason="missing known_hosts is refused at load by transport/config.py (h9c)"),
         ),
         (NODE + 'agent_command = "python3 -m transport.agent; rm -rf /"\n', "agent_command"),
         (NODE + "agent_command = []\n", "agent_command"),
