@@ -170,7 +170,7 @@ class BaseHypervisor:
         """
         return target
 
-    async def migrate_instance(self, cluster_name: str, instance: Instance, target: str, live: bool) -> None:
+    async def migrate_instance(self, instance: Instance, target: str, live: bool) -> None:
         """Start migrating ``instance`` to ``target`` (what accept returned)."""
         raise NotImplementedError
 

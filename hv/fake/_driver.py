@@ -864,7 +864,7 @@ class FakeHypervisor(BaseHypervisor):
     # --- migration: source side ---------------------------------------------------
 
     @_journaled
-    async def migrate_instance(self, cluster_name: str, instance: Instance, target: str, live: bool) -> None:
+    async def migrate_instance(self, instance: Instance, target: str, live: bool) -> None:
         """Start streaming to ``target`` in the background (pause first unless ``live``).
 
         Returns once the stream is connected (or has failed: the status says

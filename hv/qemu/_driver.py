@@ -782,7 +782,7 @@ class QemuHypervisor(BaseHypervisor):
             caps.append({"capability": cap, "state": cap in wanted})
         await self._qmp(name, "migrate-set-capabilities", {"capabilities": caps})
 
-    async def migrate_instance(self, cluster_name: str, instance: Instance, target: str, live: bool) -> None:
+    async def migrate_instance(self, instance: Instance, target: str, live: bool) -> None:
         """Set bandwidth, downtime and capabilities; pause first if not live; start ``migrate``."""
         await self.faults.hit("migrate_instance", node=self.node)
         m = _TARGET.match(target or "")
