@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import msgspec
 
 from .._objects import BeParams, Disk, Nic
 from .._process import ExitStatus, proc_state, reap
+from ..base import check_instance_name, is_instance_name
 from ..errors import HypervisorError
 
 log = logging.getLogger("hv.qemu")
@@ -37,8 +37,6 @@ log = logging.getLogger("hv.qemu")
 _STARTED: dict[str, int] = {}
 #: pidfile -> how that QEMU ended, once reaped here.
 _EXITS: dict[str, ExitStatus] = {}
-
-_INSTANCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 RUNTIME_FILE = "runtime.json"
 PID_FILE = "pid"
@@ -89,14 +87,6 @@ class MigrationInfo(msgspec.Struct, kw_only=True):
     qemu_version: str = ""
 
 
-def check_instance_name(name: Any) -> str:
-    if not isinstance(name, str) or not _INSTANCE_NAME.match(name):
-        raise HypervisorError(
-            f"invalid instance name {name!r}: 1-63 characters of letters, digits, '.', '_', '-', starting alphanumeric"
-        )
-    return name
-
-
 class RunDir:
     """The node's runtime directory."""
 
@@ -124,7 +114,7 @@ class RunDir:
             entries = sorted(os.listdir(self.instances))
         except FileNotFoundError:
             return []
-        return [n for n in entries if _INSTANCE_NAME.match(n) and (self.instances / n).is_dir()]
+        return [n for n in entries if is_instance_name(n) and (self.instances / n).is_dir()]
 
     def prepare(self, name: str) -> Path:
         """An empty instance directory (leftovers removed)."""
