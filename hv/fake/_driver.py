@@ -47,13 +47,10 @@ from ..base import BaseHypervisor
 from ..errors import HypervisorError, InstanceNotFound, ParameterError
 from ._config import ConfigFile, Settings
 from ._journal import journaled
-from ._live import ACTIVE, LiveMigration, StreamStalled
+from ._live import ACTIVE, LiveMigration
 from ._migration import FakeMigration
 from ._state import InstanceRecord, StateDir, check_instance_name, read_events
 from ._stream import StreamFactory, TcpStreamFactory
-
-__all__ = ["FakeHypervisor", "StreamStalled"]
-
 
 class FakeHypervisor(FakeMigration, BaseHypervisor):
     """The ``fake`` hypervisor: a simulated node in a directory of its own.
