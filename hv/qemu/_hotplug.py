@@ -20,6 +20,12 @@ from ._runtime import HotDevice
 class QemuHotplug(QemuCore):
     """Hotplug methods of :class:`~hv.qemu.QemuHypervisor`."""
 
+    def _dev_id(self, dev_type: str, seq: int) -> str:
+        """The QEMU id of hotplugged device number ``seq`` (a non-negative integer) of ``dev_type``."""
+        if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+            raise self._err(HotplugError, f"hotplug seq must be a non-negative integer, not {_p.shorten(seq, 40)}")
+        return f"hot{self._dev_type(dev_type)}{seq}"
+
     @staticmethod
     def _dev_type(dev_type: str) -> str:
         kind = str(dev_type).lower()
@@ -42,11 +48,10 @@ class QemuHotplug(QemuCore):
     async def hot_add_device(self, instance: Instance, dev_type: str, device: Any, extra: Any, seq: int) -> None:
         """NIC: netdev + NIC on a free PCIe root port. Disk: blockdev + scsi-hd on scsi0."""
         await self.faults.hit("hot_add_device", node=self.node)
-        kind = self._dev_type(dev_type)
+        kind, dev_id = self._dev_type(dev_type), self._dev_id(dev_type, seq)
         name = instance.name
         async with self._lock(name):
             _, rt = self._live_runtime(name)
-            dev_id = f"hot{kind}{int(seq)}"
             if any(d.device_id == dev_id for d in rt.hotplugged):
                 raise self._err(HotplugError, f"instance {name}: device {dev_id} is already plugged")
             if kind == "nic":
@@ -89,11 +94,10 @@ class QemuHotplug(QemuCore):
     async def hot_del_device(self, instance: Instance, dev_type: str, device: Any, extra: Any, seq: int) -> None:
         """``device_del`` and wait for DEVICE_DELETED (PCI unplug needs the guest's cooperation)."""
         await self.faults.hit("hot_del_device", node=self.node)
-        kind = self._dev_type(dev_type)
+        kind, dev_id = self._dev_type(dev_type), self._dev_id(dev_type, seq)
         name = instance.name
         async with self._lock(name):
             _, rt = self._live_runtime(name)
-            dev_id = f"hot{kind}{int(seq)}"
             hot = next((d for d in rt.hotplugged if d.device_id == dev_id), None)
             if hot is None:
                 raise self._err(HotplugError, f"instance {name}: no hotplugged {kind} with seq {seq}")

@@ -44,16 +44,7 @@ class QemuMigration(QemuCore):
         """JSON of what the target needs to start an identical QEMU."""
         await self.faults.hit("migration_info", node=self.node)
         _, rt = self._live_runtime(instance.name)
-        info = MigrationInfo(
-            name=rt.name,
-            uuid=rt.uuid,
-            hvparams=rt.hvparams,
-            beparams=rt.beparams,
-            nics=rt.nics,
-            disks=rt.disks,
-            hotplugged=rt.hotplugged,
-            qemu_version=rt.qemu_version,
-        )
+        info = MigrationInfo(**{field: getattr(rt, field) for field in MigrationInfo.__struct_fields__})
         return msgspec.json.encode(info).decode()
 
     def _decode_info(self, instance: Instance, info: str) -> MigrationInfo:

@@ -55,8 +55,8 @@ class HotDevice(msgspec.Struct, kw_only=True):
     device: dict[str, Any]
 
 
-class Runtime(msgspec.Struct, kw_only=True):
-    """What an instance was started with (the target of a migration gets the same)."""
+class InstanceSpec(msgspec.Struct, kw_only=True):
+    """What an instance is made of: what a migration hands to the target, and part of its runtime."""
 
     name: str
     uuid: str = ""
@@ -64,27 +64,23 @@ class Runtime(msgspec.Struct, kw_only=True):
     beparams: BeParams
     nics: list[Nic] = msgspec.field(default_factory=list)
     disks: list[Disk] = msgspec.field(default_factory=list)
-    taps: list[str | None] = msgspec.field(default_factory=list)
     hotplugged: list[HotDevice] = msgspec.field(default_factory=list)
-    accel: str = "tcg"
     qemu_version: str = ""
+
+
+class Runtime(InstanceSpec, kw_only=True):
+    """What an instance was started with (the target of a migration gets the same spec)."""
+
+    taps: list[str | None] = msgspec.field(default_factory=list)
+    accel: str = "tcg"
     argv: list[str] = msgspec.field(default_factory=list)
     incoming_port: int | None = None
     startup_paused: bool = False
     paused_for_migration: bool = False
 
 
-class MigrationInfo(msgspec.Struct, kw_only=True):
+class MigrationInfo(InstanceSpec, kw_only=True):
     """What ``migration_info`` hands to the target node (JSON)."""
-
-    name: str
-    uuid: str = ""
-    hvparams: dict[str, Any]
-    beparams: BeParams
-    nics: list[Nic] = msgspec.field(default_factory=list)
-    disks: list[Disk] = msgspec.field(default_factory=list)
-    hotplugged: list[HotDevice] = msgspec.field(default_factory=list)
-    qemu_version: str = ""
 
 
 class RunDir:
