@@ -13,7 +13,7 @@ from .._objects import Instance
 from ..errors import HypervisorError
 
 if TYPE_CHECKING:
-    from ._driver import FakeHypervisor
+    from ._core import FakeCore
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -37,7 +37,7 @@ def journaled(fn: F) -> F:
     sig = inspect.signature(fn)
 
     @functools.wraps(fn)
-    async def wrapper(self: FakeHypervisor, *args: Any, **kwargs: Any) -> Any:
+    async def wrapper(self: FakeCore, *args: Any, **kwargs: Any) -> Any:
         instance = _instance_of(sig, args, kwargs)
         self._event("start", method=method, instance=instance)
         try:

@@ -1,13 +1,13 @@
 """The fake driver's migration: both ends of a real byte stream, paced and re-dirtied.
 
-:class:`FakeMigration` is a mixin of :class:`~hv.fake.FakeHypervisor`; it
-uses the driver's state directory, config, journal and task spawner.
+:class:`FakeMigration` is a part of :class:`~hv.fake.FakeHypervisor` (which
+inherits it), built on :class:`FakeCore`'s state directory, config, journal
+and task spawner.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -17,62 +17,15 @@ from anyio.abc import ByteStream
 from .._objects import HvInstanceState, Instance, MigrationState, MigrationStatus
 from ..base import tcp_address
 from ..errors import HypervisorError, MigrationError, ParameterError
-from ._config import ConfigFile, Settings
+from ._core import FakeCore
 from ._journal import journaled
 from ._live import ACTIVE, CONFIG_INTERVAL, MAX_BURST, MIB, PROGRESS_INTERVAL, LiveMigration, describe, stall_guard
-from ._state import InstanceRecord, MigrationRecord, StateDir, check_instance_name
-from ._stream import ACK, DATA, END, HEADER, FrameReader, ProtocolError, StreamFactory, send_frame, send_json
+from ._state import InstanceRecord, MigrationRecord, check_instance_name
+from ._stream import ACK, DATA, END, HEADER, FrameReader, ProtocolError, send_frame, send_json
 
 
-class FakeMigration:
+class FakeMigration(FakeCore):
     """Migration methods of the fake driver (source and target side, convergence controls)."""
-
-    # Provided by FakeHypervisor.
-    node: str | None
-    state: StateDir
-    listen_host: str
-    stream_factory: StreamFactory
-    _config: ConfigFile
-    _settings: Settings
-    _migrations: dict[str, LiveMigration]
-    _err: Callable[..., HypervisorError]
-    _lock: Callable[[str], anyio.Lock]
-    _event: Callable[..., None]
-    _record: Callable[[str], InstanceRecord]
-    _update: Callable[..., InstanceRecord | None]
-    _spawn: Callable[..., None]
-    _hvparams: Callable[..., dict[str, Any]]
-    _incoming_host: Callable[[str, str, str], str]
-    _migration_target: Callable[..., tuple[str, int]]
-    _free_memory: Callable[[], int]
-    clock: Callable[[], float]
-    versions_safe_for_migration: Callable[[Any, Any], bool]
-
-    def _update_migration(self, name: str, role: str, **changes: Any) -> None:
-        rec = self.state.read(name)
-        if rec is None or rec.migration is None or rec.migration.role != role:
-            return
-        self.state.write(msgspec.structs.replace(rec, migration=msgspec.structs.replace(rec.migration, **changes)))
-
-    def _recover(self) -> None:
-        """Migrations this process does not run died with an earlier driver: mark them failed."""
-        for name in self.state.names():
-            try:
-                rec = self.state.read(name)
-            except HypervisorError:
-                continue
-            if rec is None or rec.migration is None or rec.migration.status not in ACTIVE:
-                continue
-            error = "the migration stream died with the previous driver process (agent restart)"
-            mig = msgspec.structs.replace(rec.migration, status=MigrationState.FAILED.value, error=error)
-            state = rec.state
-            if rec.migration.role == "source" and state is HvInstanceState.PAUSED and rec.migration.paused_by_migration and rec.migration.live:
-                # Like QEMU: a failed live migration resumes a guest it paused.
-                state, mig = HvInstanceState.RUNNING, msgspec.structs.replace(mig, paused_by_migration=False)
-            self.state.write(msgspec.structs.replace(rec, state=state, migration=mig))
-            self._event("recovered", instance=name, role=rec.migration.role, error=error)
-
-    # --- migration: target side -------------------------------------------------
 
     @journaled
     async def migration_info(self, instance: Instance) -> str:
