@@ -205,8 +205,18 @@ _KNOWN_ERRORS = known_error_classes()
 
 
 def error_ancestry(err: HypervisorError) -> list[str]:
-    """The qualified names of ``err``'s classes from its own up to HypervisorError (MRO order)."""
-    return [_qualified(cls) for cls in type(err).__mro__ if issubclass(cls, HypervisorError)]
+    """The qualified names of ``err``'s classes from its own up to HypervisorError (MRO order).
+
+    Kept within what the engine accepts (names over :data:`MAX_CLASS_NAME`
+    left out; past :data:`MAX_ERROR_MRO` names, its own class and the ones
+    nearest HypervisorError, where the public classes are),
+    so that an odd class never turns the driver's error into a protocol error.
+    """
+    names = [_qualified(cls) for cls in type(err).__mro__ if issubclass(cls, HypervisorError)]
+    names = [name for name in names if len(name) <= MAX_CLASS_NAME]
+    if len(names) > MAX_ERROR_MRO:
+        names = [names[0], *names[-(MAX_ERROR_MRO - 1) :]]
+    return names
 
 
 def error_payload(err: BaseException, *, node: str | None) -> dict[str, Any]:
@@ -219,7 +229,7 @@ def error_payload(err: BaseException, *, node: str | None) -> dict[str, Any]:
     if isinstance(err, HypervisorError):
         return {
             "kind": KIND_HV,
-            "class": type(err).__name__,
+            "class": type(err).__name__[:MAX_CLASS_NAME],
             "mro": error_ancestry(err),
             "message": err.message,
             "node": err.node or node,

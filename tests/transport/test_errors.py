@@ -26,6 +26,22 @@ def test_every_hv_error_round_trips_to_itself_or_its_nearest_public_ancestor(cls
     assert err.message == "it broke" and err.node == "n2" and err.remote_type == cls.__name__
 
 
+def _odd_classes() -> list[type[hv.HypervisorError]]:
+    long_named = type("L" * 300, (hv.InstanceNotFound,), {})
+    deep: type[hv.HypervisorError] = hv.HypervisorTimeout
+    for i in range(40):
+        deep = type(f"Deep{i}", (deep,), {})
+    return [long_named, deep]
+
+
+@pytest.mark.parametrize("cls", _odd_classes(), ids=["long-name", "deep-tree"])
+def test_an_odd_error_class_still_crosses_as_its_nearest_public_ancestor(cls: type[hv.HypervisorError]) -> None:
+    """A name too long or a tree too deep for the frame limits must not turn the error into a ProtocolError."""
+    err = _rebuild(error_payload(cls("odd", node="n2"), node="n1"))
+    nearest = next(c for c in cls.__mro__ if c in ERROR_CLASSES.values())
+    assert type(err) is nearest and err.message == "odd" and err.node == "n2"
+
+
 @pytest.mark.parametrize(
     ("payload", "expected", "text"),
     [
