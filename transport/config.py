@@ -26,6 +26,10 @@ Loaded from TOML by :func:`load_cluster_config`::
 
 ``[instances]`` and ``[engine]`` belong to the engine and are ignored here;
 any other unknown table or key is an error naming the file, key and reason.
+
+The ``[cluster]`` knobs are declared once, in :class:`ConnectSettings`; what
+the SSH client uses to reach one node is one :class:`SshSettings`
+(``cluster.ssh_settings(name)``).
 """
 
 from __future__ import annotations
