@@ -107,7 +107,7 @@ async def test_live_migration_between_two_fake_nodes(fake: FakeSetup) -> None:
     await src.start_instance(INST)
     info = await src.migration_info(INST)
     address = await dst.accept_instance(INST, info, "127.0.0.1")
-    await src.migrate_instance("t", INST, address, True)
+    await src.migrate_instance(instance=INST, target=address, live=True)
     readings: list[hv.MigrationStatus] = []
     with anyio.fail_after(20):
         while True:

@@ -12,6 +12,7 @@ import transport
 from transport.client import AgentConnection
 
 from .conftest import Setup
+from .drivers import FAILURES
 from .util import eventually
 
 pytestmark = pytest.mark.anyio
@@ -54,6 +55,28 @@ async def test_driver_errors_come_back_as_the_same_class_with_node(setup: Setup)
     assert type(bug.value) is hv.HypervisorError and bug.value.node == "n2"
     with pytest.raises(hv.HypervisorError, match="NotImplementedError"):
         await node.powercycle_node()
+
+
+@pytest.mark.parametrize(
+    ("fail", "expected", "also"),
+    [
+        pytest.param("stalled", hv.MigrationError, (), id="migration-subclass"),
+        pytest.param("disk-timeout", hv.HypervisorTimeout, (TimeoutError,), id="timeout-subclass"),
+        pytest.param("bad-mask", hv.ParseError, (ValueError,), id="two-deep"),
+        pytest.param("param-value", hv.ParameterValueError, (hv.ParameterError, ValueError), id="known-exact"),
+    ],
+)
+async def test_driver_error_subclass_arrives_as_nearest_known_class(
+    setup: Setup, fail: str, expected: type, also: tuple[type, ...]
+) -> None:
+    """A driver's own error class arrives as its nearest public hv ancestor, message, node and name kept."""
+    with pytest.raises(hv.HypervisorError) as caught:
+        await setup.transport.node("n2").verify({"fail": fail})
+    err = caught.value
+    assert type(err) is expected
+    assert all(isinstance(err, cls) for cls in also)
+    assert err.node == "n2" and err.message == f"verify failed: {fail}"
+    assert err.remote_type == FAILURES[fail].__name__
 
 
 async def test_bad_arguments_are_refused_before_sending(setup: Setup) -> None:
