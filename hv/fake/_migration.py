@@ -19,7 +19,7 @@ from ..base import tcp_address
 from ..errors import HypervisorError, MigrationError, ParameterError
 from ._core import FakeCore
 from ._journal import journaled
-from ._live import ACTIVE, CONFIG_INTERVAL, MAX_BURST, MIB, PROGRESS_INTERVAL, LiveMigration, describe, stall_guard
+from ._live import ACTIVE, StreamStalled, CONFIG_INTERVAL, MAX_BURST, MIB, PROGRESS_INTERVAL, LiveMigration, describe, stall_guard
 from ._state import InstanceRecord, MigrationRecord, check_instance_name
 from ._stream import ACK, DATA, END, HEADER, FrameReader, ProtocolError, send_frame, send_json
 
@@ -356,8 +356,14 @@ class FakeMigration(FakeCore):
                         mig.notify()
                 await send_json(stream, END, {"ram_transferred": mig.transferred})
                 reader = FrameReader(stream)
-                with anyio.fail_after(settings.connect_timeout):
-                    ack = await reader.expect_json(ACK)
+                try:
+                    with anyio.fail_after(settings.connect_timeout):
+                        ack = await reader.expect_json(ACK)
+                except TimeoutError:
+                    raise StreamStalled(
+                        f"migration stream stalled: the target did not acknowledge the end of the stream "
+                        f"within {settings.connect_timeout:g}s"
+                    ) from None
                 if ack.get("ram_received") != mig.transferred:
                     raise ProtocolError(f"target acknowledged {ack.get('ram_received')!r} bytes, {mig.transferred} were sent")
                 end = anyio.current_time()
