@@ -17,28 +17,33 @@ import random
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import anyio
 import msgspec
 from anyio.abc import TaskGroup
-from anyio.streams.memory import MemoryObjectSendStream
 
 import hv
 from transport import Transport
-from transport.errors import CallTimeout, NodeUnreachable, TransportError
+from transport.errors import CallTimeout, NodeUnreachable
 
 from ._cluster import Cluster, load_cluster
-from ._inventory import InstanceRecord, InventoryChange
-from ._jobs import ErrorInfo, Event, Job, JobState, Step, StepState
-from ._locks import LockManager, LockRequest, conflicts, normalise
+from ._context import Context, to_builtins
+from ._health import NodeHealth, NodeStatus
+from ._inventory import InstanceRecord
+from ._jobs import ErrorInfo, Event, Job, JobState
+from ._locks import normalise
 from ._log import configure_logging, get_logger
 from ._ops import Operation
+from ._policy import DEFAULT_POLICY, MigrationPolicy
+from ._recorder import JobBackend, JobHandle, Recorder, shielded
+from ._scheduler import Scheduler, safe_migration_nodes
+from ._seam import Clock, ClusterPolicy, Service, SystemClock
 from ._store import SqliteStore, Store
-from ._workflow import SERVICES, Context, Outcome, Workflow, workflow_for
+from ._workflow import Outcome, Workflow, check_workflows, workflow_for
+from .workflows import BUILTIN_SERVICES, BUILTIN_WORKFLOWS
 from .errors import (
     CompensationFailed,
     DependencyFailed,
@@ -56,45 +61,6 @@ from .errors import (
 PRIORITY_MIN, PRIORITY_MAX = -20, 19
 
 
-class NodeStatus(msgspec.Struct, kw_only=True):
-    """What the engine knows of a node's health (``engine.nodes()``)."""
-
-    name: str
-    online: bool = True
-    checked_at: float | None = None  # wall clock of the last ping
-    since: float | None = None  # wall clock of the last change
-    error: str | None = None
-
-
-class _Health:
-    def __init__(self, name: str) -> None:
-        self.status = NodeStatus(name=name)
-        self.offline_event = anyio.Event()  # set when the node goes offline
-
-
-@dataclass(eq=False)
-class _JobHandle:
-    """In-memory companion of a non-final job this engine is driving."""
-
-    id: int
-    op: Operation
-    state: JobState
-    priority: int
-    depends_on: tuple[int, ...] = ()
-    parent_id: int | None = None
-    locks: list[LockRequest] = field(default_factory=list)
-    migration_nodes: tuple[str, ...] = ()
-    granted: anyio.Event = field(default_factory=anyio.Event)
-    done: anyio.Event = field(default_factory=anyio.Event)
-    scope: anyio.CancelScope | None = None
-    cancel_reason: str | None = None
-    ponr: str | None = None
-    recovering: bool = False
-    children: set[int] = field(default_factory=set)
-    ctx: Context | None = None
-    progress_wake: anyio.Event = field(default_factory=anyio.Event)
-
-
 class Engine:
     """The job engine. Open it with ``async with Engine.open(...) as engine``."""
 
@@ -104,8 +70,11 @@ class Engine:
         cluster: Cluster,
         transport: Transport,
         *,
-        clock: Callable[[], float] | None = None,
+        clock: Clock | Callable[[], float] | None = None,
         rng: random.Random | None = None,
+        workflows: Mapping[str, type[Workflow[Any]]] | None = None,
+        services: Mapping[str, Service] | None = None,
+        migration_policy: MigrationPolicy | None = None,
         max_running_jobs: int = 32,
         max_migrations_per_node: int = 1,
         node_ping_interval: float | None = 5.0,
@@ -119,17 +88,32 @@ class Engine:
             raise ValueError(f"max_migrations_per_node must be an int >= 1, not {max_migrations_per_node!r}")
         if node_ping_interval is not None and not (math.isfinite(node_ping_interval) and node_ping_interval > 0):
             raise ValueError(f"node_ping_interval must be a positive number of seconds or None, not {node_ping_interval!r}")
+        if migration_policy is not None and not isinstance(migration_policy, MigrationPolicy):
+            raise ValueError(f"migration_policy must be a MigrationPolicy, not {type(migration_policy).__name__}")
+        if workflows is None or services is None:
+            workflows = BUILTIN_WORKFLOWS if workflows is None else workflows
+            services = BUILTIN_SERVICES if services is None else services
+        #: Workflow class per operation kind (this engine's table).
+        self.workflows = check_workflows(workflows)
+        #: Services the owner runs from open to close: ``async fn(host)``.
+        self.services: dict[str, Service] = dict(services)
+        #: The cluster default migration policy (an operation's ``policy`` overrides it).
+        self.migration_policy: MigrationPolicy = migration_policy or DEFAULT_POLICY
         self.store = store
         self.cluster = cluster
         self.transport = transport
-        self.clock = clock or time.time
+        self.wall_clock: Clock = clock if clock is not None and hasattr(clock, "now") else SystemClock(clock)  # type: ignore[arg-type]
+        self.clock: Callable[[], float] = self.wall_clock.now
         self.rng = rng or random.Random()
-        self.max_running_jobs = max_running_jobs
-        self.max_migrations_per_node = max_migrations_per_node
-        self.node_ping_interval = node_ping_interval
+        self.log = get_logger()
+        self._rec = Recorder(store, self.clock, self.log)
+        self._sched = Scheduler(max_running_jobs, max_migrations_per_node)
         # A ping that is slow (a loaded node) is not a dead node: the transport's
         # keepalive reports dead connections fast; this bound is for hangs.
-        self.node_ping_timeout = node_ping_timeout or 5.0
+        self._nodes = NodeHealth(
+            transport, cluster, self._rec, rng=self.rng, ping_interval=node_ping_interval,
+            ping_timeout=node_ping_timeout or 5.0, closing=lambda: self._closing,
+        )
         self.recovery_backoff = recovery_backoff
         if not (math.isfinite(cancel_poll_interval) and cancel_poll_interval > 0):
             raise ValueError(f"cancel_poll_interval must be a positive number of seconds, not {cancel_poll_interval!r}")
@@ -143,14 +127,7 @@ class Engine:
         self._claim = False  # a client of role auto: retries the owner lock
         self._last_job_id = 0  # the newest job id this owner has seen in the store
         self._pending_submits = 0  # local submits between the store write and their handle
-        self.log = get_logger()
-        self._locks = LockManager()
-        self._handles: dict[int, _JobHandle] = {}
-        self._waiting: dict[int, _JobHandle] = {}
-        self._running: set[int] = set()
-        self._migrations: dict[str, int] = {}
-        self._subscribers: dict[int | None, set[MemoryObjectSendStream[Event]]] = {}
-        self._health: dict[str, _Health] = {n: _Health(n) for n in self.node_names}
+        self._handles: dict[int, JobHandle] = {}
         self._tg: TaskGroup | None = None
         self._closing = False
         self._inventory_cache: dict[str, InstanceRecord] | None = None
@@ -232,6 +209,7 @@ class Engine:
             caller_error: BaseException | None = None
             async with anyio.create_task_group() as tg:
                 engine._tg = tg
+                engine._nodes.tg = tg
                 try:
                     await engine._start()
                     try:
@@ -241,17 +219,13 @@ class Engine:
                 finally:
                     engine._closing = True
                     tg.cancel_scope.cancel()
-                    engine._close_subscribers()
+                    engine._rec.close_subscribers()
             if caller_error is not None:
                 raise caller_error
 
     @property
     def node_names(self) -> list[str]:
-        names = list(self.transport.node_names)
-        for n in self.cluster.node_names:
-            if n not in names:
-                names.append(n)
-        return names
+        return self._nodes.names
 
     async def _inventory(self) -> dict[str, InstanceRecord]:
         """The inventory, cached between changes.
@@ -281,8 +255,6 @@ class Engine:
 
     async def _start(self) -> None:
         assert self._tg is not None
-        import engine.workflows  # noqa: F401  (registers the built-in workflows and services)
-
         if self._owner:
             await self._adopt()
         else:
@@ -314,11 +286,11 @@ class Engine:
         jobs = await self.store.list_jobs(states=[JobState.QUEUED, JobState.WAITING, JobState.RUNNING, JobState.CANCELLING])
         self._last_job_id = max([self._last_job_id, *(j.id for j in jobs)])
         await self._take(jobs)
-        if self.node_ping_interval is not None:
+        if self._nodes.ping_interval is not None:
             for name in self.node_names:
-                self._tg.start_soon(self._pinger, name)
+                self._tg.start_soon(self._nodes.pinger, name)
         # Services act on the cluster: the owner's job, not every client's.
-        for name, fn in SERVICES.items():
+        for name, fn in self.services.items():
             self.add_service(fn, name=name)
 
     async def _take(self, jobs: Sequence[Job]) -> None:
@@ -326,9 +298,9 @@ class Engine:
         assert self._tg is not None
         inventory = await self.store.instances()
         jobs = [j for j in jobs if j.id not in self._handles]  # after the await: no duplicate handle
-        fresh: list[_JobHandle] = []
+        fresh: list[JobHandle] = []
         for job in jobs:
-            handle = _JobHandle(
+            handle = JobHandle(
                 id=job.id, op=job.op, state=job.state, priority=job.priority, depends_on=job.depends_on,
                 parent_id=job.parent_id, cancel_reason=job.cancel_reason, ponr=job.point_of_no_return,
             )
@@ -343,10 +315,8 @@ class Engine:
                     handle.locks = normalise(job.op.lock_requests(inventory))
                 except (KeyError, EngineError):
                     handle.locks = []
-                handle.migration_nodes = self._safe_migration_nodes(job.op, inventory)
-                self._locks.try_acquire(job.id, handle.locks)
-                self._running.add(job.id)
-                self._count_migrations(handle, +1)
+                handle.migration_nodes = safe_migration_nodes(job.op, inventory)
+                self._sched.start_recovered(handle)
                 self._tg.start_soon(self._job_main, handle)
         for handle in fresh:
             if not handle.recovering:
@@ -375,7 +345,7 @@ class Engine:
         self._draining = True
         waited: list[int] = []
         while True:
-            running = sorted(i for i in self._running if i in self._handles)
+            running = sorted(i for i in self._sched.running if i in self._handles)
             if not running:
                 return waited
             if not waited and on_wait is not None:
@@ -393,12 +363,11 @@ class Engine:
 
     def node_online(self, name: str) -> bool:
         """Whether ``name`` is a known node the engine currently considers online."""
-        health = self._health.get(name)
-        return health is not None and health.status.online
+        return self._nodes.online(name)
 
-    def add_service(self, fn: Callable[[Engine], Any], *, name: str | None = None) -> None:
-        """Run ``async fn(engine)`` until the engine closes (services registered with
-        :func:`engine.register_service` are started by :meth:`open`). Once per name."""
+    def add_service(self, fn: Service, *, name: str | None = None) -> None:
+        """Run ``async fn(engine)`` until the engine closes (the ``services`` table
+        given to :meth:`open` is started by the owner). Once per name."""
         label = name or getattr(fn, "__qualname__", repr(fn))
         if self._tg is None or self._closing:
             raise EngineError(f"service {label}: the engine is not open")
@@ -407,7 +376,7 @@ class Engine:
         self._services.add(label)
         self._tg.start_soon(self._run_service, fn, label, name=f"service {label}")
 
-    async def _run_service(self, fn: Callable[[Engine], Any], label: str) -> None:
+    async def _run_service(self, fn: Service, label: str) -> None:
         log = self.log.bind(service=label)
         log.info("service started")
         try:
@@ -436,25 +405,25 @@ class Engine:
         deps = tuple(depends_on)
         if any(not isinstance(d, int) or isinstance(d, bool) for d in deps):
             raise InvalidOperation(f"depends_on must be job ids (ints), not {deps!r}")
-        workflow_for(op.kind)
+        workflow_for(self.workflows, op.kind)
         inventory = await self._inventory()
         op.validate(inventory, self.node_names)
         owner = self._owner
         self._pending_submits += 1
         try:
-            job, event = await self._shielded(
+            job, event = await shielded(
                 self.store.create_job(op, priority=priority, depends_on=deps, parent_id=parent_id, now=self.clock())
             )
         except JobNotFound as err:
             raise InvalidOperation(f"depends_on: {err}") from err
         finally:
             self._pending_submits -= 1
-        self._publish(event)
+        self._rec.publish(event)
         if not (owner and self._owner):
             # A client: the owner picks the job up from the store (or this engine does, once it owns).
             self.log.info("job submitted to the owner of the store", job_id=job.id, op=op.kind, summary=op.summary())
             return job.id
-        handle = _JobHandle(id=job.id, op=op, state=JobState.QUEUED, priority=priority, depends_on=deps, parent_id=parent_id)
+        handle = JobHandle(id=job.id, op=op, state=JobState.QUEUED, priority=priority, depends_on=deps, parent_id=parent_id)
         self._handles[job.id] = handle
         self.log.info("job submitted", job_id=job.id, op=op.kind, summary=op.summary(), priority=priority)
         self._tg.start_soon(self._job_main, handle)
@@ -472,7 +441,7 @@ class Engine:
     async def watch(self, job_id: int) -> AsyncIterator[Event]:
         """Every event of the job: the past ones, then live ones; ends at a final state."""
         send, recv = anyio.create_memory_object_stream[Event](math.inf)
-        subs = self._subscribers.setdefault(job_id, set())
+        subs = self._rec.subscribers.setdefault(job_id, set())
         subs.add(send)
         try:
             last = 0
@@ -504,14 +473,14 @@ class Engine:
         finally:
             subs.discard(send)
             if not subs:
-                self._subscribers.pop(job_id, None)
+                self._rec.subscribers.pop(job_id, None)
             send.close()
             recv.close()
 
     async def watch_cluster(self) -> AsyncIterator[Event]:
         """Cluster events (nodes going offline/online, inventory), live only."""
         send, recv = anyio.create_memory_object_stream[Event](math.inf)
-        subs = self._subscribers.setdefault(None, set())
+        subs = self._rec.subscribers.setdefault(None, set())
         subs.add(send)
         try:
             async with recv:
@@ -544,9 +513,9 @@ class Engine:
         """
         if not isinstance(reason, str) or not reason.strip():
             raise InvalidOperation(f"a cancel needs a reason, not {reason!r}")
-        job, event = await self._shielded(self.store.request_cancel(job_id, reason, now=self.clock()))
+        job, event = await shielded(self.store.request_cancel(job_id, reason, now=self.clock()))
         if event is not None:
-            self._publish(event)
+            self._rec.publish(event)
         handle = self._handles.get(job_id)
         if handle is None:
             return job.state
@@ -556,7 +525,7 @@ class Engine:
         await handle.done.wait()
         return (await self.store.get_job(job_id, steps=False)).state
 
-    async def _apply_cancel(self, handle: _JobHandle, reason: str) -> None:
+    async def _apply_cancel(self, handle: JobHandle, reason: str) -> None:
         """Obey a cancel already persisted in the store (asked here or by another process)."""
         if handle.cancel_reason is not None:
             return  # already obeyed (the first reason wins)
@@ -567,7 +536,7 @@ class Engine:
             log.warning("cancel recorded; the job is being recovered and will settle from the nodes' state")
         elif handle.ponr is not None:
             log.warning("cancel arrived after the point of no return; the job completes", reason=reason)
-            self._publish(await self._shielded(self.store.add_event(job_id, "cancel-too-late", {"reason": reason, "point_of_no_return": handle.ponr}, now=self.clock())))
+            self._rec.publish(await shielded(self.store.add_event(job_id, "cancel-too-late", {"reason": reason, "point_of_no_return": handle.ponr}, now=self.clock())))
         elif handle.scope is not None:
             log.info("cancelling job", reason=reason, state=handle.state.value)
             handle.scope.cancel()
@@ -606,11 +575,11 @@ class Engine:
                         # The requester's event, for this engine's watchers (written in its process).
                         for ev in await self.store.events(req.job_id):
                             if ev.kind == "cancel-requested":
-                                self._publish(ev)
+                                self._rec.publish(ev)
                     await self._apply_cancel(handle, req.reason)
                 elif self._owner:
-                    for ev in await self._shielded(self.store.cancel_pending_job(req.job_id, now=self.clock())):
-                        self._publish(ev)
+                    for ev in await shielded(self.store.cancel_pending_job(req.job_id, now=self.clock())):
+                        self._rec.publish(ev)
 
     async def instance(self, name: str) -> InstanceRecord:
         """The inventory record of ``name``."""
@@ -653,15 +622,15 @@ class Engine:
 
     def nodes(self) -> list[NodeStatus]:
         """Each node's health as last seen by the pinger."""
-        return [msgspec.structs.replace(self._health[n].status) for n in self.node_names if n in self._health]
+        return self._nodes.statuses()
 
     def locks(self) -> dict[str, list[int]]:
         """Held locks and their owners (diagnostics)."""
-        return self._locks.snapshot()
+        return self._sched.locks.snapshot()
 
     # --- the job's life -----------------------------------------------------
 
-    async def _job_main(self, h: _JobHandle) -> None:
+    async def _job_main(self, h: JobHandle) -> None:
         log = self.log.bind(job_id=h.id, op=h.op.kind)
         try:
             if h.recovering:
@@ -676,18 +645,18 @@ class Engine:
             log.exception("engine error while driving job")
             if not self._closing and not h.state.final:
                 with contextlib.suppress(Exception):
-                    await self._finish(h, JobState.FAILED, error=ErrorInfo.from_exception(exc))
+                    await self._rec.finish(h, JobState.FAILED, error=ErrorInfo.from_exception(exc))
             if not isinstance(exc, Exception):
                 raise
         finally:
-            self._release(h)
+            self._sched.release(h)
             if h.state.final or not self._closing:
                 self._handles.pop(h.id, None)
             h.done.set()
             if not self._closing:
                 self._schedule()
 
-    async def _drive(self, h: _JobHandle, log: Any) -> None:
+    async def _drive(self, h: JobHandle, log: Any) -> None:
         """From queued to running, then the workflow."""
         h.scope = anyio.CancelScope()
         if h.cancel_reason is not None:
@@ -705,13 +674,13 @@ class Engine:
                     except EngineError as err:
                         failure = err
                         break
-                    h.migration_nodes = self._safe_migration_nodes(h.op, inventory)
-                    self._waiting[h.id] = h
+                    h.migration_nodes = safe_migration_nodes(h.op, inventory)
+                    self._sched.waiting[h.id] = h
                     self._schedule()
                     states = [] if h.state is JobState.WAITING else [JobState.WAITING]
                     if not h.granted.is_set():
                         if states:
-                            await self._transition(h, states)
+                            await self._rec.transition(h, states)
                             states = []
                         await h.granted.wait()
                         # Inventory may have moved while we waited (a migration):
@@ -723,23 +692,23 @@ class Engine:
                             wanted = h.locks  # validation on the next pass will say why
                         if wanted != h.locks:
                             log.info("inventory changed while waiting; re-queueing for the right locks")
-                            self._release(h)
+                            self._sched.release(h)
                             h.granted = anyio.Event()
                             self._schedule()
                             continue
-                    await self._transition(h, [*states, JobState.RUNNING])
+                    await self._rec.transition(h, [*states, JobState.RUNNING])
                     break
         if failure is not None:
-            await self._finish(h, JobState.FAILED, error=ErrorInfo.from_exception(failure))
+            await self._rec.finish(h, JobState.FAILED, error=ErrorInfo.from_exception(failure))
             return
         if h.state is not JobState.RUNNING:
             # Cancelled before it ran.
             if h.cancel_reason is not None:
-                await self._finish(h, JobState.CANCELLED, error=ErrorInfo.from_exception(JobCancelled(f"cancelled while {h.state.value}: {h.cancel_reason}")))
+                await self._rec.finish(h, JobState.CANCELLED, error=ErrorInfo.from_exception(JobCancelled(f"cancelled while {h.state.value}: {h.cancel_reason}")))
             return
         await self._execute(h, log)
 
-    async def _wait_dependencies(self, h: _JobHandle) -> BaseException | None:
+    async def _wait_dependencies(self, h: JobHandle) -> BaseException | None:
         for dep in h.depends_on:
             job = await self.wait(dep)
             if job.state is not JobState.SUCCEEDED:
@@ -747,8 +716,8 @@ class Engine:
                 return DependencyFailed(f"job {dep}, which job {h.id} depends on, ended {job.state.value}{why}")
         return None
 
-    async def _execute(self, h: _JobHandle, log: Any) -> None:
-        workflow = workflow_for(h.op.kind)(h.op)
+    async def _execute(self, h: JobHandle, log: Any) -> None:
+        workflow = workflow_for(self.workflows, h.op.kind)(h.op)
         ctx = await self._context(h, log)
         work = anyio.CancelScope()
         h.scope = work
@@ -757,7 +726,7 @@ class Engine:
         result: Any = None
         error: BaseException | None = None
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._progress_writer, ctx)
+            tg.start_soon(self._progress_writer, h, ctx)
             with work:
                 try:
                     result = await workflow.run(ctx)
@@ -770,10 +739,10 @@ class Engine:
                     if h.ponr is None:
                         await self._compensate_and_finish(h, workflow, ctx, log, cancelled=False, error=error)
                     else:
-                        await ctx._flush_progress()
-                        await self._finish(h, JobState.FAILED, error=ErrorInfo.from_exception(error))
+                        await ctx.journal.flush()
+                        await self._rec.finish(h, JobState.FAILED, error=ErrorInfo.from_exception(error))
                 else:
-                    result = _builtins(result)
+                    result = to_builtins(result)
                     if h.cancel_reason is not None:
                         note = {
                             "reason": h.cancel_reason,
@@ -781,16 +750,16 @@ class Engine:
                             "note": f"the cancel arrived after the point of no return ({h.ponr}); the job completed",
                         }
                         result = {**result, "cancel": note} if isinstance(result, dict) else {"value": result, "cancel": note}
-                    await ctx._flush_progress()
-                    await self._finish(h, JobState.SUCCEEDED, result=result)
+                    await ctx.journal.flush()
+                    await self._rec.finish(h, JobState.SUCCEEDED, result=result)
             tg.cancel_scope.cancel()
 
     async def _compensate_and_finish(
-        self, h: _JobHandle, workflow: Workflow[Any], ctx: Context, log: Any, *, cancelled: bool, error: BaseException | None
+        self, h: JobHandle, workflow: Workflow[Any], ctx: Context, log: Any, *, cancelled: bool, error: BaseException | None
     ) -> None:
         reason = h.cancel_reason if cancelled else f"failed: {error}"
         if cancelled:
-            await self._transition(h, [JobState.CANCELLING], data={"reason": reason})
+            await self._rec.transition(h, [JobState.CANCELLING], data={"reason": reason})
         log.info("compensating", reason=reason)
         ctx.mode = "compensate"
         comp_error: BaseException | None = None
@@ -800,11 +769,11 @@ class Engine:
         except Exception as exc:
             comp_error = exc
             log.error("compensation failed", error=str(exc))
-        await ctx._flush_progress()
+        await ctx.journal.flush()
         if cancelled and comp_error is None:
-            await self._finish(h, JobState.CANCELLED, error=ErrorInfo.from_exception(JobCancelled(f"cancelled: {reason}")))
+            await self._rec.finish(h, JobState.CANCELLED, error=ErrorInfo.from_exception(JobCancelled(f"cancelled: {reason}")))
         elif cancelled:
-            await self._finish(
+            await self._rec.finish(
                 h, JobState.FAILED,
                 error=ErrorInfo.from_exception(CompensationFailed(f"cancelled ({reason}), but compensation failed: {type(comp_error).__name__}: {comp_error}")),
             )
@@ -813,18 +782,18 @@ class Engine:
             info = ErrorInfo.from_exception(error)
             if comp_error is not None:
                 info = msgspec.structs.replace(info, message=f"{info.message} (and compensation failed: {type(comp_error).__name__}: {comp_error})")
-            await self._finish(h, JobState.FAILED, error=info)
+            await self._rec.finish(h, JobState.FAILED, error=info)
 
-    async def _recover(self, h: _JobHandle, log: Any) -> None:
+    async def _recover(self, h: JobHandle, log: Any) -> None:
         """Drive a job found running at open to a final state; never guess."""
-        workflow = workflow_for(h.op.kind)(h.op)
+        workflow = workflow_for(self.workflows, h.op.kind)(h.op)
         delay, cap = self.recovery_backoff
         log.warning("recovering job found active at open", state=h.state.value)
         while True:
             ctx = await self._context(h, log, recovering=True)
             failure: Exception | None = None
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._progress_writer, ctx)
+                tg.start_soon(self._progress_writer, h, ctx)
                 try:
                     outcome = await workflow.recover(ctx)
                 except Exception as exc:  # caught here, so no ExceptionGroup wraps it
@@ -837,7 +806,7 @@ class Engine:
             except (NodeUnreachable, CallTimeout, RecoveryPending, StepTimeout) as exc:
                 note = f"recovery pending: {type(exc).__name__}: {exc}; retrying in {delay:.1f}s"
                 log.warning("recovery pending", error=str(exc), retry_in=delay)
-                self._publish(await self._shielded(self.store.set_recovery(h.id, note, now=self.clock())))
+                self._rec.publish(await shielded(self.store.set_recovery(h.id, note, now=self.clock())))
                 await anyio.sleep(delay * (0.75 + 0.5 * self.rng.random()))
                 delay = min(cap, delay * 2)
                 continue
@@ -846,8 +815,8 @@ class Engine:
             break
         if not isinstance(outcome, Outcome):
             outcome = Outcome.failed(EngineError(f"{type(workflow).__name__}.recover returned {outcome!r}, not an Outcome"))
-        await ctx._flush_progress()
-        result = _builtins(outcome.result)
+        await ctx.journal.flush()
+        result = to_builtins(outcome.result)
         if isinstance(result, dict):
             result = {**result, "recovered": True}
         elif result is None:
@@ -855,13 +824,24 @@ class Engine:
         error = ErrorInfo.from_exception(outcome.error) if outcome.error is not None else None
         if outcome.state is JobState.FAILED and error is None:
             error = ErrorInfo(type="EngineError", message="recovery failed the job")
-        await self._finish(h, outcome.state, result=result, error=error)
+        await self._rec.finish(h, outcome.state, result=result, error=error)
 
-    async def _context(self, h: _JobHandle, log: Any, recovering: bool = False) -> Context:
+    async def _context(self, h: JobHandle, log: Any, recovering: bool = False) -> Context:
+        """The workflow's view of this job: collaborators bound to the handle, never the engine."""
         job = await self.store.get_job(h.id)
         ctx = Context(
-            engine=self, handle=h, journal=list(job.steps), recovering=recovering, mode="recover" if recovering else "run",
-            rng=random.Random(self.rng.random()), log=log,
+            record=JobBackend(self._rec, h, log, self._inventory_changed),
+            link=self._nodes,
+            inventory=_EngineInventory(self),
+            jobs=_EngineJobs(self, h),
+            steps=list(job.steps),
+            policy=ClusterPolicy(migration=self.migration_policy),
+            clock=self.wall_clock,
+            rng=random.Random(self.rng.random()),
+            recovering=recovering,
+            mode="recover" if recovering else "run",
+            log=log,
+            engine_closing=lambda: self.closing,
         )
         h.ctx = ctx
         return ctx
@@ -869,216 +849,22 @@ class Engine:
     # --- scheduling ---------------------------------------------------------
 
     def _schedule(self) -> None:
-        """Grant locks to waiting jobs: priority then age; better waiters reserve theirs."""
-        if self._closing:
-            return
-        reserved: list[list[LockRequest]] = []
-        for h in sorted(self._waiting.values(), key=lambda j: (j.priority, j.id)):
-            if h.granted.is_set() or (self._draining and h.parent_id is None):
-                continue
-            if len(self._running) >= self.max_running_jobs:
-                break
-            blocked = any(conflicts(h.locks, r) for r in reserved)
-            over = any(self._migrations.get(n, 0) >= self.max_migrations_per_node for n in h.migration_nodes)
-            if not blocked and not over and self._locks.try_acquire(h.id, h.locks):
-                del self._waiting[h.id]
-                self._running.add(h.id)
-                self._count_migrations(h, +1)
-                h.granted.set()
-            else:
-                reserved.append(h.locks)
+        if not self._closing:
+            self._sched.schedule(draining=self._draining)
 
-    def _release(self, h: _JobHandle) -> None:
-        self._waiting.pop(h.id, None)
-        if h.id in self._running:
-            self._running.discard(h.id)
-            self._count_migrations(h, -1)
-        self._locks.release_all(h.id)
-
-    def _count_migrations(self, h: _JobHandle, delta: int) -> None:
-        for n in h.migration_nodes:
-            self._migrations[n] = self._migrations.get(n, 0) + delta
-
-    @staticmethod
-    def _safe_migration_nodes(op: Operation, inventory: dict[str, InstanceRecord]) -> tuple[str, ...]:
-        try:
-            return tuple(op.migration_nodes(inventory))
-        except (KeyError, EngineError):
-            return ()
-
-    async def _submit_child(self, parent: _JobHandle, op: Operation, *, priority: int) -> int:
+    async def _submit_child(self, parent: JobHandle, op: Operation, *, priority: int) -> int:
         job_id = await self.submit(op, priority=priority, parent_id=parent.id)
         parent.children.add(job_id)
         if parent.cancel_reason is not None and parent.ponr is None:
             await self.cancel(job_id, f"parent job {parent.id} cancelled: {parent.cancel_reason}", wait=False)
         return job_id
 
-    # --- writes (shielded: a write that starts is finished and announced) ---
-
-    @staticmethod
-    async def _shielded(coro: Any) -> Any:
-        with anyio.CancelScope(shield=True):
-            return await coro
-
-    async def _transition(self, h: _JobHandle, states: Sequence[JobState], *, data: dict[str, Any] | None = None) -> None:
-        events = await self._shielded(self.store.transition(h.id, states, now=self.clock(), data=data))
-        h.state = states[-1]
-        for ev in events:
-            self._publish(ev)
-        self.log.info("job state", job_id=h.id, op=h.op.kind, state=h.state.value)
-
-    async def _finish(self, h: _JobHandle, state: JobState, *, result: Any = None, error: ErrorInfo | None = None) -> None:
-        events = await self._shielded(self.store.transition(h.id, [state], now=self.clock(), result=result, error=error))
-        h.state = state
-        for ev in events:
-            self._publish(ev)
-        log = self.log.bind(job_id=h.id, op=h.op.kind, state=state.value)
-        if error is not None:
-            log.warning("job finished", error=str(error))
-        else:
-            log.info("job finished")
-
-    async def _step_start(self, ctx: Context, *, name: str, node: str | None, method: str | None, args: str, deadline: float | None) -> Step:
-        await ctx._flush_progress()
-        step, event = await self._shielded(
-            self.store.step_start(ctx.job_id, name=name, node=node, method=method, args=args, deadline=deadline, now=self.clock())
-        )
-        ctx.journal.append(step)
-        self._publish(event)
-        return step
-
-    async def _step_end(
-        self, ctx: Context, step: Step, *, state: StepState, result: Any = None, error: ErrorInfo | None = None,
-        attempts: int = 1, inventory: Sequence[InventoryChange] = (),
-    ) -> None:
-        now = self.clock()
-        try:
-            event = await self._shielded(
-                self.store.step_end(ctx.job_id, step.idx, state=state, now=now, result=result, error=error, attempts=attempts, inventory=inventory)
-            )
-        finally:
-            if inventory:
-                self._inventory_changed()
-        step.state, step.ended_at, step.result, step.error, step.attempts = state, now, result, error, attempts
-        self._publish(event)
-
-    async def _job_event(self, job_id: int, kind: str, data: dict[str, Any]) -> None:
-        self._publish(await self._shielded(self.store.add_event(job_id, kind, data, now=self.clock())))
-
-    async def _set_ponr(self, ctx: Context, reason: str) -> None:
-        ctx.handle.ponr = reason
-        self._publish(await self._shielded(self.store.set_point_of_no_return(ctx.job_id, reason, now=self.clock())))
-        ctx.log.info("point of no return", reason=reason)
-
-    def _progress_pending(self, ctx: Context) -> None:
-        ctx.handle.progress_wake.set()
-
-    async def _write_progress(self, ctx: Context, batch: list[dict[str, Any]]) -> None:
-        for fields in batch:
-            self._publish(await self._shielded(self.store.add_event(ctx.job_id, "progress", _builtins(fields), now=self.clock())))
-
-    async def _progress_writer(self, ctx: Context) -> None:
-        h = ctx.handle
+    async def _progress_writer(self, h: JobHandle, ctx: Context) -> None:
         while True:
             await h.progress_wake.wait()
             h.progress_wake = anyio.Event()
-            await ctx._flush_progress()
+            await ctx.journal.flush()
 
-    def _publish(self, event: Event) -> None:
-        for send in list(self._subscribers.get(event.job_id, ())):
-            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
-                send.send_nowait(event)
-
-    def _close_subscribers(self) -> None:
-        for subs in self._subscribers.values():
-            for send in list(subs):
-                send.close()
-
-    # --- nodes --------------------------------------------------------------
-
-    async def _node_call(
-        self, node: str, method: str, args: Sequence[Any], kwargs: dict[str, Any], *, on_progress: Any, fail_fast: bool = True
-    ) -> Any:
-        """One call; with ``fail_fast``, NodeOffline if the node is (or goes) offline."""
-        health = self._health.get(node)
-        if health is None:
-            raise NodeOffline(f"node {node!r} is not part of the cluster", node=node)
-        client = self.transport.node(node)
-        if not fail_fast:
-            return await client.call(method, *args, on_progress=on_progress, **kwargs)
-        if not health.status.online:
-            raise NodeOffline(f"node {node} is offline ({health.status.error}); not calling {method}", node=node)
-        outcome: dict[str, Any] = {}
-        offline_event = health.offline_event
-        async with anyio.create_task_group() as tg:
-
-            async def watch_offline() -> None:
-                await offline_event.wait()
-                outcome["offline"] = True
-                tg.cancel_scope.cancel()
-
-            tg.start_soon(watch_offline)
-            try:
-                outcome["result"] = await client.call(method, *args, on_progress=on_progress, **kwargs)
-            except Exception as exc:
-                outcome["error"] = exc
-            tg.cancel_scope.cancel()
-        if "error" in outcome:
-            raise outcome["error"]
-        if outcome.get("offline") and "result" not in outcome:
-            raise NodeOffline(
-                f"node {node} went offline during {method}: NodeUnreachable: {health.status.error}", node=node
-            )
-        return outcome.get("result")
-
-    async def _ping(self, name: str) -> str | None:
-        """One ping; the error text, or None when the node answered."""
-        try:
-            await self.transport.node(name).call("ping", call_timeout=self.node_ping_timeout)
-        except (TransportError, TimeoutError, OSError, hv.HypervisorError) as exc:
-            return f"{type(exc).__name__}: {exc}"
-        return None
-
-    async def _set_online(self, name: str, error: str | None) -> None:
-        """Record a node's health; an event when it changes."""
-        health = self._health[name]
-        now = self.clock()
-        status = health.status
-        status.checked_at = now
-        if error is None and not status.online:
-            status.online, status.error, status.since = True, None, now
-            health.offline_event = anyio.Event()
-            self.log.info("node online", node=name)
-            self._publish(await self._shielded(self.store.add_event(None, "node-online", {"node": name}, now=now)))
-        elif error is not None and status.online:
-            status.online, status.error, status.since = False, error, now
-            health.offline_event.set()
-            self.log.warning("node offline", node=name, error=error)
-            self._publish(await self._shielded(self.store.add_event(None, "node-offline", {"node": name, "error": error}, now=now)))
-            if self.node_ping_interval is None and self._tg is not None and not self._closing:
-                self._tg.start_soon(self._probe_until_online, name)
-        elif error is not None:
-            status.error = error
-
-    async def _mark_unreachable(self, name: str, error: BaseException) -> None:
-        """A call found the node unreachable: offline now, so others fail fast."""
-        if name in self._health and not isinstance(error, NodeOffline):
-            await self._set_online(name, f"{type(error).__name__}: {error}")
-
-    async def _pinger(self, name: str) -> None:
-        assert self.node_ping_interval is not None
-        while True:
-            await self._set_online(name, await self._ping(name))
-            await anyio.sleep(self.node_ping_interval)
-
-    async def _probe_until_online(self, name: str) -> None:
-        """Without a periodic pinger: ping an offline node with backoff until it answers."""
-        delay = 0.2
-        while not self._health[name].status.online:
-            await anyio.sleep(delay * (0.75 + 0.5 * self.rng.random()))
-            error = await self._ping(name)
-            await self._set_online(name, error)
-            delay = min(delay * 2, 5.0)
 
 
 async def _busy_message(store: Store) -> str:
@@ -1100,8 +886,37 @@ def _is_final_event(event: Event) -> bool:
         return False
 
 
-def _builtins(value: Any) -> Any:
-    try:
-        return msgspec.to_builtins(value)
-    except TypeError:
-        return repr(value)
+class _EngineInventory:
+    """``ctx.inventory``: reads of the engine's (cached) inventory."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    async def instance(self, name: str) -> InstanceRecord:
+        return await self._engine.instance(name)
+
+    async def all(self) -> dict[str, InstanceRecord]:
+        return await self._engine.instances()
+
+
+class _EngineJobs:
+    """``ctx.jobs``: children of one job, and waiting on jobs."""
+
+    def __init__(self, engine: Engine, handle: JobHandle) -> None:
+        self._engine = engine
+        self._handle = handle
+
+    async def submit_child(self, op: Operation, *, priority: int | None = None) -> int:
+        """Submit a child job (cancelling this job cancels it too)."""
+        h = self._handle
+        return await self._engine._submit_child(h, op, priority=h.priority if priority is None else priority)
+
+    async def wait(self, job_id: int) -> Job:
+        return await self._engine.wait(job_id)
+
+    async def get(self, job_id: int) -> Job:
+        return await self._engine.get(job_id)
+
+    async def children(self) -> list[Job]:
+        """This job's children (without steps), oldest first."""
+        return [j for j in await self._engine.list() if j.parent_id == self._handle.id]

@@ -7,14 +7,14 @@ from typing import Any
 import anyio
 
 from .._ops import Noop
-from .._workflow import Context, Outcome, Workflow, register_workflow
+from .._workflow import Context, Outcome, Workflow
 
 
-@register_workflow(Noop)
 class NoopWorkflow(Workflow[Noop]):
+    OP = Noop
     async def run(self, ctx: Context) -> Any:
         for i in range(self.op.steps):
-            async with ctx.step(f"noop-{i}") as step:
+            async with ctx.journal.step(f"noop-{i}") as step:
                 if self.op.sleep:
                     await anyio.sleep(self.op.sleep)
                 step.result = {"i": i}
@@ -24,5 +24,5 @@ class NoopWorkflow(Workflow[Noop]):
         # Nothing on any node to reconcile: the journal is the whole truth.
         if ctx.cancel_reason:
             return Outcome.cancelled(ctx.cancel_reason)
-        done = sum(1 for s in ctx.journal if s.state.value == "succeeded")
+        done = sum(1 for s in ctx.journal.steps if s.state.value == "succeeded")
         return Outcome.failed(RuntimeError(f"interrupted by an engine restart after {done} of {self.op.steps} steps"))
