@@ -37,6 +37,7 @@ from ._jobs import ErrorInfo, Event, Job, JobState
 from ._locks import normalise
 from ._log import configure_logging, get_logger
 from ._ops import Operation
+from ._optable import BUILTIN_OPERATIONS
 from ._policy import DEFAULT_POLICY, MigrationPolicy
 from ._recorder import JobBackend, JobHandle, Recorder, shielded
 from ._scheduler import Scheduler, safe_migration_nodes
@@ -99,6 +100,10 @@ class Engine:
         self.services: dict[str, Service] = dict(services)
         #: The cluster default migration policy (an operation's ``policy`` overrides it).
         self.migration_policy: MigrationPolicy = migration_policy or DEFAULT_POLICY
+        #: Operation class per kind: the built-ins and each workflow's ``OP``.
+        self.operations = {**BUILTIN_OPERATIONS, **{kind: wf.OP for kind, wf in self.workflows.items()}}
+        if isinstance(store, SqliteStore):
+            store.operations = self.operations  # the store decodes the jobs this engine runs
         self.store = store
         self.cluster = cluster
         self.transport = transport

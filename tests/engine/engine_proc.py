@@ -20,7 +20,7 @@ import msgspec
 
 from engine import Engine
 from engine._log import configure_logging
-from engine._ops import op_from_dict
+from engine._optable import op_from_dict
 
 
 def _print(data: object) -> None:

@@ -24,7 +24,7 @@ import pytest
 
 import hv
 from engine import InvalidOperation
-from engine._ops import op_from_dict
+from engine._optable import op_from_dict
 from engine._ops import Noop
 from engine._store import SqliteStore
 from engine.cli import run

@@ -19,7 +19,7 @@ from engine import (
     StoreError,
     StopInstance,
 )
-from engine._ops import op_from_dict
+from engine._optable import op_from_dict
 from engine._store import SCHEMA_VERSION, SqliteStore
 from engine._locks import LockManager, instance_lock, node_lock, normalise
 
