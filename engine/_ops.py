@@ -8,8 +8,9 @@ deadlines (per-method defaults, overridable per operation with
 
 Adding an operation: subclass :class:`Operation` with ``tag="kebab-name"``,
 implement ``validate`` and ``lock_requests`` (or inherit
-:class:`InstanceOperation`'s), then register a workflow for it with
-``@register_workflow(YourOp)`` in a module of ``engine/workflows/``.
+:class:`InstanceOperation`'s), then write a workflow with ``OP = YourOp``
+and list it in the engine's table (built-ins: ``engine.workflows.BUILTIN_WORKFLOWS``;
+the built-in operations: ``engine._optable.BUILTIN_OPERATIONS``).
 """
 
 from __future__ import annotations
