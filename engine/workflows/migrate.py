@@ -70,7 +70,7 @@ class MigrateWorkflow(Workflow[Migrate]):
         record = await ctx.inventory.instance(op.instance)
         spec, src, dst = record.spec, record.primary, op.target
         policy = check_policy(op.kind, op.policy, ctx.policy.migration)
-        started = anyio.current_time()
+        started = ctx.clock.monotonic()
         async with ctx.journal.step("plan", args=f"{spec.name}: {src} -> {dst}") as s:
             s.result = {"source": src, "target": dst, "live": op.live, "policy": msgspec.to_builtins(policy)}
         hvp = hv.get_hypervisor_class(spec.hypervisor).fill_hvparams(spec.hvparams)
@@ -192,7 +192,7 @@ class MigrateWorkflow(Workflow[Migrate]):
         downtime = int(policy.downtime_start_ms or hv.get_hypervisor_class(spec.hypervisor).fill_hvparams(spec.hvparams).get("migration_downtime", 300))
         if policy.downtime_start_ms is not None:
             await self._decide(ctx, spec, src, Decision(Action.RAISE_DOWNTIME, "the policy's starting downtime", downtime), None)
-        conv = Convergence(policy, ram_total=spec.beparams.maxmem * 2**20, started=anyio.current_time(), downtime_ms=downtime)
+        conv = Convergence(policy, ram_total=spec.beparams.maxmem * 2**20, started=ctx.clock.monotonic(), downtime_ms=downtime)
         failures = 0
         percent = 0.0
         last_emit = -math.inf
@@ -214,10 +214,10 @@ class MigrateWorkflow(Workflow[Migrate]):
                             f"the migration's status could not be read {failures} times in a row on {src} (last: {type(err).__name__}: {err})",
                             step="monitor", node=src,
                         ) from err
-                    await anyio.sleep(min(1.0, 0.05 * 2**failures))
+                    await ctx.clock.sleep(min(1.0, 0.05 * 2**failures))
                     continue
                 failures = 0
-                now = anyio.current_time()
+                now = ctx.clock.monotonic()
                 if status.failed:
                     raise MigrationFailed(
                         f"the migration {status.status} on {src}" + (f": {status.error}" if status.error else ""), step="monitor", node=src
@@ -332,7 +332,7 @@ class MigrateWorkflow(Workflow[Migrate]):
             "target": dst,
             "node": dst,
             "live": self.op.live,
-            "wall_time_s": round(anyio.current_time() - started, 3),
+            "wall_time_s": round(ctx.clock.monotonic() - started, 3),
             "pending_cleanup": pending,
         }
         if status is not None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import anyio
-
 from .._ops import Noop
 from .._workflow import Context, Outcome, Workflow
 
@@ -16,7 +14,7 @@ class NoopWorkflow(Workflow[Noop]):
         for i in range(self.op.steps):
             async with ctx.journal.step(f"noop-{i}") as step:
                 if self.op.sleep:
-                    await anyio.sleep(self.op.sleep)
+                    await ctx.clock.sleep(self.op.sleep)
                 step.result = {"i": i}
         return {"steps": self.op.steps}
 
