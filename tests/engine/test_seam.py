@@ -6,6 +6,7 @@ import ast
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 import engine
@@ -101,19 +102,6 @@ async def test_workflows_come_from_the_table_the_engine_is_given(store_path: Pat
     assert "test-unlisted" not in BUILTIN_WORKFLOWS
 
 
-@pytest.mark.parametrize(
-    ("table", "problem"),
-    [
-        ({"noop": object}, "is not a Workflow class"),
-        ({"not-noop": BUILTIN_WORKFLOWS["noop"]}, "of kind 'noop'"),
-    ],
-)
-async def test_a_bad_workflow_table_is_refused(store_path: Path, empty_transport: Any, table: dict[str, Any], problem: str) -> None:
-    with pytest.raises(TypeError, match=problem):
-        async with open_engine(store_path, empty_transport, workflows=table):
-            pass
-
-
 class _Probe(Operation, frozen=True, kw_only=True, tag="test-probe"):
     method: str
 
@@ -153,3 +141,49 @@ async def test_the_engine_is_not_in_the_context(store_path: Path, empty_transpor
     (ctx,) = seen
     assert not any(isinstance(v, Engine) for v in vars(ctx).values())
     assert not hasattr(ctx, "engine")
+
+
+class _FixedClock:
+    """A clock whose wall time stands still (timestamps), with anyio's monotonic clock for deadlines."""
+
+    def now(self) -> float:
+        return 1000.0
+
+    def monotonic(self) -> float:
+        return anyio.current_time()
+
+    async def sleep(self, seconds: float) -> None:
+        await anyio.sleep(seconds)
+
+
+async def test_the_clock_is_injected_into_the_engine_and_the_context(store_path: Path, empty_transport: Any) -> None:
+    clock = _FixedClock()
+    seen: list[Any] = []
+
+    class Look(Workflow[Noop]):
+        OP = Noop
+
+        async def run(self, ctx: Context) -> Any:
+            seen.append(ctx.clock)
+            async with ctx.journal.step("tick"):
+                pass
+            return None
+
+    async with open_engine(store_path, empty_transport, clock=clock, workflows={**BUILTIN_WORKFLOWS, "noop": Look}) as eng:
+        job = await eng.wait(await eng.submit(Noop()))
+    assert seen == [clock]
+    assert job.created_at == job.finished_at == 1000.0 and job.steps[0].started_at == 1000.0
+
+
+@pytest.mark.parametrize(
+    ("options", "problem"),
+    [
+        ({"migration_policy": {"status_wait": 1.0}}, "migration_policy must be a MigrationPolicy, not dict"),
+        ({"workflows": {"noop": object}}, "workflows\\['noop'\\]: .* is not a Workflow class"),
+        ({"workflows": {"not-noop": BUILTIN_WORKFLOWS["noop"]}}, "workflows\\['not-noop'\\]: NoopWorkflow.OP is Noop, of kind 'noop'"),
+    ],
+)
+async def test_bad_engine_options_are_refused_in_one_line(store_path: Path, empty_transport: Any, options: dict[str, Any], problem: str) -> None:
+    with pytest.raises((ValueError, TypeError), match=problem):
+        async with open_engine(store_path, empty_transport, **options):
+            pass
