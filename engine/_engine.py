@@ -39,7 +39,7 @@ from ._optable import BUILTIN_OPERATIONS
 from ._policy import DEFAULT_POLICY, MigrationPolicy
 from ._recorder import JobHandle, Recorder, shielded
 from ._scheduler import Scheduler, safe_migration_nodes
-from ._seam import Clock, Service, SystemClock
+from ._seam import Clock, Service, ServiceView, SystemClock
 from ._store import SqliteStore, Store
 from ._workflow import Workflow, check_workflows, workflow_for
 from ._runner import JobRunner
@@ -359,8 +359,9 @@ class Engine(JobRunner, JobFollowing):
         return self._nodes.online(name)
 
     def add_service(self, fn: Service, *, name: str | None = None) -> None:
-        """Run ``async fn(engine)`` until the engine closes (the ``services`` table
-        given to :meth:`open` is started by the owner). Once per name."""
+        """Run ``async fn(host)`` until the engine closes (the ``services`` table
+        given to :meth:`open` is started by the owner). ``host`` is a
+        :class:`engine._seam.ServiceView` of this engine. Once per name."""
         label = name or getattr(fn, "__qualname__", repr(fn))
         if self._tg is None or self._closing:
             raise EngineError(f"service {label}: the engine is not open")
@@ -373,7 +374,7 @@ class Engine(JobRunner, JobFollowing):
         log = self.log.bind(service=label)
         log.info("service started")
         try:
-            await fn(self)
+            await fn(ServiceView(self))
         except Exception:
             log.exception("service failed; not restarted")
         finally:

@@ -144,5 +144,32 @@ class ServiceHost(Protocol):
     def watch_cluster(self) -> AsyncIterator[Event]: ...
 
 
+class ServiceView:
+    """The :class:`ServiceHost` a service is given: only those names of the engine, not the engine."""
+
+    def __init__(self, host: ServiceHost) -> None:
+        self._host = host
+        self.log = host.log
+
+    @property
+    def node_names(self) -> list[str]:
+        return self._host.node_names
+
+    def node_online(self, name: str) -> bool:
+        return self._host.node_online(name)
+
+    async def instances(self) -> dict[str, InstanceRecord]:
+        return await self._host.instances()
+
+    async def list(self, state: JobState | Sequence[JobState] | None = None, *, limit: int | None = None) -> list[Job]:
+        return await self._host.list(state, limit=limit)
+
+    async def submit(self, op: Operation, *, priority: int = 0) -> int:
+        return await self._host.submit(op, priority=priority)
+
+    def watch_cluster(self) -> AsyncIterator[Event]:
+        return self._host.watch_cluster()
+
+
 #: An engine service: ``async fn(host)`` run by the owner engine from open to close.
 Service = Callable[[ServiceHost], Awaitable[None]]
