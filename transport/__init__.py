@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from ._base import NodeClient, ProgressCallback, Transport
 from .config import ClusterConfig, ConnectSettings, NodeConfig, SshSettings, load_cluster_config, parse_cluster
-from .config import load_cluster  # alias kept until engine is updated (the lead removes it after merging)
 from .errors import (
     CallTimeout,
     ConfigError,

@@ -259,11 +259,6 @@ def load_cluster_config(path: str | os.PathLike[str]) -> ClusterConfig:
     return cluster
 
 
-#: Old name (engine.load_cluster returns engine's Cluster, this a ClusterConfig).
-#: Alias kept until engine is updated; the lead removes it after merging.
-load_cluster = load_cluster_config
-
-
 def parse_cluster(data: dict[str, Any], *, source: str = "<cluster>", base_dir: Path | None = None) -> ClusterConfig:
     """Validate an already parsed cluster description."""
 

@@ -18,7 +18,6 @@ migration completed after all, the job completes forward instead.
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -49,9 +48,6 @@ class PrecheckFailed(MigrationFailed):
     """A pre-check refused the migration before anything changed."""
 
 
-#: Whether the driver interface still takes the seed's unused ``cluster_name``
-#: first (until the hv change that drops it lands; the wire follows the interface).
-_MIGRATE_TAKES_CLUSTER_NAME = "cluster_name" in inspect.signature(hv.BaseHypervisor.migrate_instance).parameters
 
 
 class MigrateWorkflow(Workflow[Migrate]):
@@ -84,11 +80,7 @@ class MigrateWorkflow(Workflow[Migrate]):
         try:
             self.info = str(await ctx.nodes.call(src).migration_info(spec))
             address = str(await ctx.nodes.call(dst).accept_instance(spec, self.info, ctx.nodes.address(dst)))
-            migrate = ctx.nodes.call(src).migrate_instance
-            if _MIGRATE_TAKES_CLUSTER_NAME:
-                await migrate("herd", spec, address, op.live)  # type: ignore[call-arg]
-            else:
-                await migrate(spec, address, op.live)
+            await ctx.nodes.call(src).migrate_instance(spec, address, op.live)
             status, conv = await self._monitor(ctx, spec, src, dst, policy)
             # Inside the try: a cancel that lands here is handled like any other (the
             # rollback finds the copy complete and goes forward).

@@ -19,9 +19,8 @@ def test_the_public_face_is_exactly_the_public_names() -> None:
     namespace: dict[str, object] = {}
     exec("from transport import *", namespace)
     assert set(namespace) - {"__builtins__"} == PUBLIC
-    # The old name, until engine imports the new one (alias kept until engine is updated).
-    assert transport.load_cluster is transport.load_cluster_config
-    assert "load_cluster" not in transport.__all__
+    # One name per concept: engine.load_cluster gives engine's Cluster, this a ClusterConfig.
+    assert not hasattr(transport, "load_cluster")
 
 
 def test_public_names_fit_together() -> None:
