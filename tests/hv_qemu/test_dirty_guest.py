@@ -65,7 +65,7 @@ async def test_dirty_guest_does_not_converge_then_cancel(nodes: Nodes, dirty_ker
     # The guest must re-dirty all its RAM during each pass: a pass at this bandwidth
     # takes at least four of its sweeps, as measured now (the machine may be busy),
     # and never more than the 256 MiB/s the test was written for.
-    bandwidth = min(256 << 20, int(SWEPT * sweeps_per_s / 4))
+    bandwidth = max(1 << 20, min(256 << 20, int(SWEPT * sweeps_per_s / 4)))  # 0 would mean unlimited
     dst = nodes.make("dst")
     info = await src.migration_info(inst)
     target = await dst.accept_instance(inst, info, "")
