@@ -11,6 +11,8 @@ import hv
 import transport
 from transport.client import AgentConnection
 
+from tests._load import warm_call_deadline
+
 from .conftest import Setup
 from .drivers import FAILURES
 from .util import eventually
@@ -114,11 +116,13 @@ async def test_cancel_reaches_the_node_and_its_cleanup_runs(setup: Setup) -> Non
 
 async def test_call_timeout_names_node_method_deadline_and_cancels(setup: Setup) -> None:
     node = setup.transport.node("n2")
+    # A warm connection: the deadline times the call, not the connect (SSH, agent start).
+    deadline = await warm_call_deadline(node)
     with pytest.raises(transport.CallTimeout) as caught:
-        await node.verify({"sleep": 30}, call_timeout=0.5)
+        await node.verify({"sleep": 30}, call_timeout=deadline)
     err = caught.value
     assert isinstance(err, TimeoutError) and err.node == "n2"
-    assert "verify" in str(err) and "0.5s" in str(err)
+    assert "verify" in str(err) and f"{deadline:g}s" in str(err)
     await eventually(lambda: any(e["event"] == "cleanup" for e in setup.events("n2")), what="cleanup on the node")
 
 
