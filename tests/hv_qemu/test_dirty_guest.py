@@ -69,7 +69,7 @@ async def test_dirty_guest_does_not_converge_then_cancel(nodes: Nodes, dirty_ker
     dst = nodes.make("dst")
     info = await src.migration_info(inst)
     target = await dst.accept_instance(inst, info, "")
-    await src.migrate_instance("cluster", inst, target, live=True)
+    await src.migrate_instance(inst, target, live=True)
     await src.qmp_command("vm1", "migrate-set-parameters", {"max-bandwidth": bandwidth})
     await src.set_migration_downtime(inst, 50)
 
@@ -112,7 +112,7 @@ async def test_force_complete_finishes_a_non_converging_migration(nodes: Nodes, 
     dst = nodes.make("dst")
     info = await src.migration_info(inst)
     target = await dst.accept_instance(inst, info, "")
-    await src.migrate_instance("cluster", inst, target, live=True)
+    await src.migrate_instance(inst, target, live=True)
     await wait_status(src, inst, lambda s: (s.iterations or 0) >= 2, timeout=30)
 
     await src.force_complete_migration(inst)
