@@ -32,7 +32,10 @@ async def _setup(nodes: Nodes, inst: hv.Instance) -> tuple[QemuHypervisor, QemuH
 
 
 async def test_live_migration_prefilled(nodes: Nodes, prefilled_256: Path) -> None:
-    inst = instance(mem=256, mem_path=str(prefilled_256), migration_bandwidth=1024)
+    # 256 MiB at 64 MiB/s: about four seconds of copying, so the 1 s long polls below
+    # see it active several times even on a starved machine (at 1 GiB/s it could be
+    # over before the first poll returned).
+    inst = instance(mem=256, mem_path=str(prefilled_256), migration_bandwidth=64)
     src, dst, info, target = await _setup(nodes, inst)
     assert target.startswith("tcp:127.0.0.1:495")
     incoming = await dst.get_instance_info("vm1")
