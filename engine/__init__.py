@@ -7,119 +7,92 @@
         job_id = await engine.submit(StopInstance(instance="web1", timeout=30))
         async for event in engine.watch(job_id): ...
         job = await engine.wait(job_id)
+
+This is the public face (``__all__``): the engine, the operations, jobs and
+their parts, the inventory record, the errors, and for workflow authors
+:class:`Workflow`, :class:`Outcome`, :class:`Context` and the built-in
+tables. Everything else lives in the private modules (``engine._store``,
+``engine._locks``, ``engine._inventory``, …) and may change.
 """
 
 from __future__ import annotations
 
-from ._cluster import Cluster, instance_from_table, load_cluster
-from ._engine import Engine, NodeStatus
-from ._inventory import (
-    AddPendingCleanup,
-    AdminState,
-    ClearPendingCleanup,
-    InstanceRecord,
-    InventoryChange,
-    PendingCleanup,
-    SetAdminState,
-    SetPrimary,
-)
+from ._cluster import Cluster, load_cluster
+from ._engine import Engine
+from ._health import NodeStatus
+from ._inventory import AdminState, InstanceRecord
 from ._jobs import ErrorInfo, Event, Job, JobState, Step, StepState
-from ._locks import LockRequest, instance_lock, node_lock
-from ._log import configure_logging
-from ._ops import (
-    DEFAULT_STEP_DEADLINES,
-    InstanceOperation,
-    Noop,
-    Operation,
-    RebootInstance,
-    RebootType,
-    StartInstance,
-    StopInstance,
-    op_from_dict,
-    operation_type,
-)
+from ._ops import Noop, Operation, RebootInstance, RebootType, StartInstance, StopInstance
 from ._ops_migration import EvacuateNode, Failover, Migrate, Reconcile, VerifyCluster
 from ._policy import MigrationPolicy, TimeoutAction
-from ._store import SqliteStore, Store
-from ._workflow import Context, Outcome, Workflow, register_service, register_workflow, workflow_for
+from ._workflow import Context, Outcome, Workflow
 from .errors import (
     CompensationFailed,
     DependencyFailed,
+    EngineBusy,
     EngineError,
     InstanceNotKnown,
     InvalidOperation,
     JobCancelled,
     JobNotFound,
     NodeOffline,
-    EngineBusy,
     RecoveryPending,
     StepFailed,
     StepTimeout,
     StepUnreachable,
     StoreError,
 )
+from .workflows import BUILTIN_SERVICES, BUILTIN_WORKFLOWS
 
 __all__ = [
-    "AddPendingCleanup",
-    "AdminState",
-    "ClearPendingCleanup",
-    "Cluster",
-    "CompensationFailed",
-    "Context",
-    "DEFAULT_STEP_DEADLINES",
-    "DependencyFailed",
+    # the engine and its cluster
     "Engine",
-    "EngineError",
-    "EvacuateNode",
-    "Failover",
-    "Migrate",
-    "MigrationPolicy",
-    "Reconcile",
-    "TimeoutAction",
-    "VerifyCluster",
-    "ErrorInfo",
-    "Event",
-    "InstanceNotKnown",
-    "InstanceOperation",
-    "InstanceRecord",
-    "InvalidOperation",
-    "InventoryChange",
-    "Job",
-    "JobCancelled",
-    "JobNotFound",
-    "JobState",
-    "LockRequest",
-    "NodeOffline",
+    "Cluster",
+    "load_cluster",
     "NodeStatus",
-    "Noop",
+    # operations
     "Operation",
-    "Outcome",
-    "PendingCleanup",
+    "Noop",
+    "StartInstance",
+    "StopInstance",
     "RebootInstance",
     "RebootType",
-    "EngineBusy",
-    "RecoveryPending",
-    "SetAdminState",
-    "SetPrimary",
-    "SqliteStore",
-    "StartInstance",
+    "Migrate",
+    "Failover",
+    "EvacuateNode",
+    "Reconcile",
+    "VerifyCluster",
+    "MigrationPolicy",
+    "TimeoutAction",
+    # jobs
+    "Job",
+    "JobState",
+    "Event",
     "Step",
-    "StepFailed",
     "StepState",
+    "ErrorInfo",
+    # the inventory
+    "InstanceRecord",
+    "AdminState",
+    # errors
+    "EngineError",
+    "InvalidOperation",
+    "InstanceNotKnown",
+    "JobNotFound",
+    "StoreError",
+    "StepFailed",
     "StepTimeout",
     "StepUnreachable",
-    "StopInstance",
-    "Store",
-    "StoreError",
+    "NodeOffline",
+    "JobCancelled",
+    "CompensationFailed",
+    "DependencyFailed",
+    "RecoveryPending",
+    "EngineBusy",
+    # for workflow authors
     "Workflow",
-    "configure_logging",
-    "instance_from_table",
-    "instance_lock",
-    "load_cluster",
-    "node_lock",
-    "op_from_dict",
-    "operation_type",
-    "register_service",
-    "register_workflow",
-    "workflow_for",
+    "Outcome",
+    "Context",
+    "BUILTIN_WORKFLOWS",
+    "BUILTIN_SERVICES",
 ]

@@ -17,85 +17,40 @@ import random
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import anyio
 import msgspec
 from anyio.abc import TaskGroup
-from anyio.streams.memory import MemoryObjectSendStream
 
 import hv
 from transport import Transport
-from transport.errors import CallTimeout, NodeUnreachable, TransportError
 
 from ._cluster import Cluster, load_cluster
-from ._inventory import InstanceRecord, InventoryChange
-from ._jobs import ErrorInfo, Event, Job, JobState, Step, StepState
-from ._locks import LockManager, LockRequest, conflicts, normalise
+from ._health import NodeHealth, NodeStatus
+from ._inventory import InstanceRecord
+from ._jobs import Job, JobState
+from ._locks import normalise
 from ._log import configure_logging, get_logger
 from ._ops import Operation
+from ._optable import BUILTIN_OPERATIONS
+from ._policy import DEFAULT_POLICY, MigrationPolicy
+from ._recorder import JobHandle, Recorder, shielded
+from ._scheduler import Scheduler, safe_migration_nodes
+from ._seam import Clock, Service, ServiceView, SystemClock
 from ._store import SqliteStore, Store
-from ._workflow import SERVICES, Context, Outcome, Workflow, workflow_for
-from .errors import (
-    CompensationFailed,
-    DependencyFailed,
-    EngineBusy,
-    EngineError,
-    InstanceNotKnown,
-    InvalidOperation,
-    JobCancelled,
-    JobNotFound,
-    NodeOffline,
-    RecoveryPending,
-    StepTimeout,
-)
+from ._workflow import Workflow, check_workflows, workflow_for
+from ._runner import JobRunner
+from ._follow import JobFollowing
+from .workflows import BUILTIN_SERVICES, BUILTIN_WORKFLOWS
+from .errors import EngineBusy, EngineError, InstanceNotKnown, InvalidOperation, JobNotFound
 
 PRIORITY_MIN, PRIORITY_MAX = -20, 19
 
 
-class NodeStatus(msgspec.Struct, kw_only=True):
-    """What the engine knows of a node's health (``engine.nodes()``)."""
-
-    name: str
-    online: bool = True
-    checked_at: float | None = None  # wall clock of the last ping
-    since: float | None = None  # wall clock of the last change
-    error: str | None = None
-
-
-class _Health:
-    def __init__(self, name: str) -> None:
-        self.status = NodeStatus(name=name)
-        self.offline_event = anyio.Event()  # set when the node goes offline
-
-
-@dataclass(eq=False)
-class _JobHandle:
-    """In-memory companion of a non-final job this engine is driving."""
-
-    id: int
-    op: Operation
-    state: JobState
-    priority: int
-    depends_on: tuple[int, ...] = ()
-    parent_id: int | None = None
-    locks: list[LockRequest] = field(default_factory=list)
-    migration_nodes: tuple[str, ...] = ()
-    granted: anyio.Event = field(default_factory=anyio.Event)
-    done: anyio.Event = field(default_factory=anyio.Event)
-    scope: anyio.CancelScope | None = None
-    cancel_reason: str | None = None
-    ponr: str | None = None
-    recovering: bool = False
-    children: set[int] = field(default_factory=set)
-    ctx: Context | None = None
-    progress_wake: anyio.Event = field(default_factory=anyio.Event)
-
-
-class Engine:
+class Engine(JobRunner, JobFollowing):
     """The job engine. Open it with ``async with Engine.open(...) as engine``."""
 
     def __init__(
@@ -104,8 +59,11 @@ class Engine:
         cluster: Cluster,
         transport: Transport,
         *,
-        clock: Callable[[], float] | None = None,
+        clock: Clock | Callable[[], float] | None = None,
         rng: random.Random | None = None,
+        workflows: Mapping[str, type[Workflow[Any]]] | None = None,
+        services: Mapping[str, Service] | None = None,
+        migration_policy: MigrationPolicy | None = None,
         max_running_jobs: int = 32,
         max_migrations_per_node: int = 1,
         node_ping_interval: float | None = 5.0,
@@ -119,17 +77,36 @@ class Engine:
             raise ValueError(f"max_migrations_per_node must be an int >= 1, not {max_migrations_per_node!r}")
         if node_ping_interval is not None and not (math.isfinite(node_ping_interval) and node_ping_interval > 0):
             raise ValueError(f"node_ping_interval must be a positive number of seconds or None, not {node_ping_interval!r}")
+        if migration_policy is not None and not isinstance(migration_policy, MigrationPolicy):
+            raise ValueError(f"migration_policy must be a MigrationPolicy, not {type(migration_policy).__name__}")
+        if workflows is None or services is None:
+            workflows = BUILTIN_WORKFLOWS if workflows is None else workflows
+            services = BUILTIN_SERVICES if services is None else services
+        #: Workflow class per operation kind (this engine's table).
+        self.workflows = check_workflows(workflows)
+        #: Services the owner runs from open to close: ``async fn(host)``.
+        self.services: dict[str, Service] = dict(services)
+        #: The cluster default migration policy (an operation's ``policy`` overrides it).
+        self.migration_policy: MigrationPolicy = migration_policy or DEFAULT_POLICY
+        #: Operation class per kind: the built-ins and each workflow's ``OP``.
+        self.operations = {**BUILTIN_OPERATIONS, **{kind: wf.OP for kind, wf in self.workflows.items()}}
+        if isinstance(store, SqliteStore):
+            store.operations = self.operations  # the store decodes the jobs this engine runs
         self.store = store
         self.cluster = cluster
         self.transport = transport
-        self.clock = clock or time.time
+        self.wall_clock: Clock = clock if clock is not None and hasattr(clock, "now") else SystemClock(clock)  # type: ignore[arg-type]
+        self.clock: Callable[[], float] = self.wall_clock.now
         self.rng = rng or random.Random()
-        self.max_running_jobs = max_running_jobs
-        self.max_migrations_per_node = max_migrations_per_node
-        self.node_ping_interval = node_ping_interval
+        self.log = get_logger()
+        self._rec = Recorder(store, self.clock, self.log)
+        self._sched = Scheduler(max_running_jobs, max_migrations_per_node)
         # A ping that is slow (a loaded node) is not a dead node: the transport's
         # keepalive reports dead connections fast; this bound is for hangs.
-        self.node_ping_timeout = node_ping_timeout or 5.0
+        self._nodes = NodeHealth(
+            transport, cluster, self._rec, rng=self.rng, ping_interval=node_ping_interval,
+            ping_timeout=node_ping_timeout or 5.0, closing=lambda: self._closing,
+        )
         self.recovery_backoff = recovery_backoff
         if not (math.isfinite(cancel_poll_interval) and cancel_poll_interval > 0):
             raise ValueError(f"cancel_poll_interval must be a positive number of seconds, not {cancel_poll_interval!r}")
@@ -143,14 +120,7 @@ class Engine:
         self._claim = False  # a client of role auto: retries the owner lock
         self._last_job_id = 0  # the newest job id this owner has seen in the store
         self._pending_submits = 0  # local submits between the store write and their handle
-        self.log = get_logger()
-        self._locks = LockManager()
-        self._handles: dict[int, _JobHandle] = {}
-        self._waiting: dict[int, _JobHandle] = {}
-        self._running: set[int] = set()
-        self._migrations: dict[str, int] = {}
-        self._subscribers: dict[int | None, set[MemoryObjectSendStream[Event]]] = {}
-        self._health: dict[str, _Health] = {n: _Health(n) for n in self.node_names}
+        self._handles: dict[int, JobHandle] = {}
         self._tg: TaskGroup | None = None
         self._closing = False
         self._inventory_cache: dict[str, InstanceRecord] | None = None
@@ -232,6 +202,7 @@ class Engine:
             caller_error: BaseException | None = None
             async with anyio.create_task_group() as tg:
                 engine._tg = tg
+                engine._nodes.tg = tg
                 try:
                     await engine._start()
                     try:
@@ -241,17 +212,13 @@ class Engine:
                 finally:
                     engine._closing = True
                     tg.cancel_scope.cancel()
-                    engine._close_subscribers()
+                    engine._rec.close_subscribers()
             if caller_error is not None:
                 raise caller_error
 
     @property
     def node_names(self) -> list[str]:
-        names = list(self.transport.node_names)
-        for n in self.cluster.node_names:
-            if n not in names:
-                names.append(n)
-        return names
+        return self._nodes.names
 
     async def _inventory(self) -> dict[str, InstanceRecord]:
         """The inventory, cached between changes.
@@ -281,8 +248,6 @@ class Engine:
 
     async def _start(self) -> None:
         assert self._tg is not None
-        import engine.workflows  # noqa: F401  (registers the built-in workflows and services)
-
         if self._owner:
             await self._adopt()
         else:
@@ -314,11 +279,11 @@ class Engine:
         jobs = await self.store.list_jobs(states=[JobState.QUEUED, JobState.WAITING, JobState.RUNNING, JobState.CANCELLING])
         self._last_job_id = max([self._last_job_id, *(j.id for j in jobs)])
         await self._take(jobs)
-        if self.node_ping_interval is not None:
+        if self._nodes.ping_interval is not None:
             for name in self.node_names:
-                self._tg.start_soon(self._pinger, name)
+                self._tg.start_soon(self._nodes.pinger, name)
         # Services act on the cluster: the owner's job, not every client's.
-        for name, fn in SERVICES.items():
+        for name, fn in self.services.items():
             self.add_service(fn, name=name)
 
     async def _take(self, jobs: Sequence[Job]) -> None:
@@ -326,9 +291,9 @@ class Engine:
         assert self._tg is not None
         inventory = await self.store.instances()
         jobs = [j for j in jobs if j.id not in self._handles]  # after the await: no duplicate handle
-        fresh: list[_JobHandle] = []
+        fresh: list[JobHandle] = []
         for job in jobs:
-            handle = _JobHandle(
+            handle = JobHandle(
                 id=job.id, op=job.op, state=job.state, priority=job.priority, depends_on=job.depends_on,
                 parent_id=job.parent_id, cancel_reason=job.cancel_reason, ponr=job.point_of_no_return,
             )
@@ -343,10 +308,8 @@ class Engine:
                     handle.locks = normalise(job.op.lock_requests(inventory))
                 except (KeyError, EngineError):
                     handle.locks = []
-                handle.migration_nodes = self._safe_migration_nodes(job.op, inventory)
-                self._locks.try_acquire(job.id, handle.locks)
-                self._running.add(job.id)
-                self._count_migrations(handle, +1)
+                handle.migration_nodes = safe_migration_nodes(job.op, inventory)
+                self._sched.start_recovered(handle)
                 self._tg.start_soon(self._job_main, handle)
         for handle in fresh:
             if not handle.recovering:
@@ -375,7 +338,7 @@ class Engine:
         self._draining = True
         waited: list[int] = []
         while True:
-            running = sorted(i for i in self._running if i in self._handles)
+            running = sorted(i for i in self._sched.running if i in self._handles)
             if not running:
                 return waited
             if not waited and on_wait is not None:
@@ -393,12 +356,12 @@ class Engine:
 
     def node_online(self, name: str) -> bool:
         """Whether ``name`` is a known node the engine currently considers online."""
-        health = self._health.get(name)
-        return health is not None and health.status.online
+        return self._nodes.online(name)
 
-    def add_service(self, fn: Callable[[Engine], Any], *, name: str | None = None) -> None:
-        """Run ``async fn(engine)`` until the engine closes (services registered with
-        :func:`engine.register_service` are started by :meth:`open`). Once per name."""
+    def add_service(self, fn: Service, *, name: str | None = None) -> None:
+        """Run ``async fn(host)`` until the engine closes (the ``services`` table
+        given to :meth:`open` is started by the owner). ``host`` is a
+        :class:`engine._seam.ServiceView` of this engine. Once per name."""
         label = name or getattr(fn, "__qualname__", repr(fn))
         if self._tg is None or self._closing:
             raise EngineError(f"service {label}: the engine is not open")
@@ -407,11 +370,11 @@ class Engine:
         self._services.add(label)
         self._tg.start_soon(self._run_service, fn, label, name=f"service {label}")
 
-    async def _run_service(self, fn: Callable[[Engine], Any], label: str) -> None:
+    async def _run_service(self, fn: Service, label: str) -> None:
         log = self.log.bind(service=label)
         log.info("service started")
         try:
-            await fn(self)
+            await fn(ServiceView(self))
         except Exception:
             log.exception("service failed; not restarted")
         finally:
@@ -436,25 +399,25 @@ class Engine:
         deps = tuple(depends_on)
         if any(not isinstance(d, int) or isinstance(d, bool) for d in deps):
             raise InvalidOperation(f"depends_on must be job ids (ints), not {deps!r}")
-        workflow_for(op.kind)
+        workflow_for(self.workflows, op.kind)
         inventory = await self._inventory()
         op.validate(inventory, self.node_names)
         owner = self._owner
         self._pending_submits += 1
         try:
-            job, event = await self._shielded(
+            job, event = await shielded(
                 self.store.create_job(op, priority=priority, depends_on=deps, parent_id=parent_id, now=self.clock())
             )
         except JobNotFound as err:
             raise InvalidOperation(f"depends_on: {err}") from err
         finally:
             self._pending_submits -= 1
-        self._publish(event)
+        self._rec.publish(event)
         if not (owner and self._owner):
             # A client: the owner picks the job up from the store (or this engine does, once it owns).
             self.log.info("job submitted to the owner of the store", job_id=job.id, op=op.kind, summary=op.summary())
             return job.id
-        handle = _JobHandle(id=job.id, op=op, state=JobState.QUEUED, priority=priority, depends_on=deps, parent_id=parent_id)
+        handle = JobHandle(id=job.id, op=op, state=JobState.QUEUED, priority=priority, depends_on=deps, parent_id=parent_id)
         self._handles[job.id] = handle
         self.log.info("job submitted", job_id=job.id, op=op.kind, summary=op.summary(), priority=priority)
         self._tg.start_soon(self._job_main, handle)
@@ -468,149 +431,6 @@ class Engine:
         """Jobs (without steps), optionally only in ``state`` (one or several)."""
         states = [state] if isinstance(state, (JobState, str)) else state
         return await self.store.list_jobs(states=None if states is None else [JobState(s) for s in states], limit=limit)
-
-    async def watch(self, job_id: int) -> AsyncIterator[Event]:
-        """Every event of the job: the past ones, then live ones; ends at a final state."""
-        send, recv = anyio.create_memory_object_stream[Event](math.inf)
-        subs = self._subscribers.setdefault(job_id, set())
-        subs.add(send)
-        try:
-            last = 0
-            for event in await self.store.events(job_id):
-                yield event
-                last = event.seq
-                if _is_final_event(event):
-                    return
-            if job_id not in self._handles:
-                # Not driven here: final already, or driven by another engine (follow the store).
-                while True:
-                    job = await self.store.get_job(job_id, steps=False)
-                    for event in await self.store.events(job_id, after=last):
-                        yield event
-                        last = event.seq
-                        if _is_final_event(event):
-                            return
-                    if job.final:
-                        return
-                    await anyio.sleep(self.cancel_poll_interval)
-            async with recv:
-                async for event in recv:
-                    if event.seq <= last:
-                        continue
-                    last = event.seq
-                    yield event
-                    if _is_final_event(event):
-                        return
-        finally:
-            subs.discard(send)
-            if not subs:
-                self._subscribers.pop(job_id, None)
-            send.close()
-            recv.close()
-
-    async def watch_cluster(self) -> AsyncIterator[Event]:
-        """Cluster events (nodes going offline/online, inventory), live only."""
-        send, recv = anyio.create_memory_object_stream[Event](math.inf)
-        subs = self._subscribers.setdefault(None, set())
-        subs.add(send)
-        try:
-            async with recv:
-                async for event in recv:
-                    yield event
-        finally:
-            subs.discard(send)
-            send.close()
-
-    async def wait(self, job_id: int) -> Job:
-        """Wait until the job is final; returns it with its steps."""
-        handle = self._handles.get(job_id)
-        if handle is not None:
-            await handle.done.wait()
-        else:
-            job = await self.store.get_job(job_id, steps=False)
-            if not job.final:
-                async for _ in self.watch(job_id):
-                    pass
-        return await self.store.get_job(job_id)
-
-    async def cancel(self, job_id: int, reason: str = "cancelled by operator", *, wait: bool = True) -> JobState:
-        """Cancel a job; returns the state it reached (final, when ``wait``).
-
-        Queued and waiting jobs are cancelled at once. A running job records
-        the reason, then its step in progress is cancelled (on the node too),
-        its compensation runs, and it ends ``cancelled``. After the
-        workflow's point of no return the job finishes forward and its result
-        says the cancel came too late. Children are cancelled with the parent.
-        """
-        if not isinstance(reason, str) or not reason.strip():
-            raise InvalidOperation(f"a cancel needs a reason, not {reason!r}")
-        job, event = await self._shielded(self.store.request_cancel(job_id, reason, now=self.clock()))
-        if event is not None:
-            self._publish(event)
-        handle = self._handles.get(job_id)
-        if handle is None:
-            return job.state
-        await self._apply_cancel(handle, job.cancel_reason or reason)
-        if not wait:
-            return handle.state
-        await handle.done.wait()
-        return (await self.store.get_job(job_id, steps=False)).state
-
-    async def _apply_cancel(self, handle: _JobHandle, reason: str) -> None:
-        """Obey a cancel already persisted in the store (asked here or by another process)."""
-        if handle.cancel_reason is not None:
-            return  # already obeyed (the first reason wins)
-        handle.cancel_reason = reason
-        job_id = handle.id
-        log = self.log.bind(job_id=job_id, op=handle.op.kind)
-        if handle.recovering:
-            log.warning("cancel recorded; the job is being recovered and will settle from the nodes' state")
-        elif handle.ponr is not None:
-            log.warning("cancel arrived after the point of no return; the job completes", reason=reason)
-            self._publish(await self._shielded(self.store.add_event(job_id, "cancel-too-late", {"reason": reason, "point_of_no_return": handle.ponr}, now=self.clock())))
-        elif handle.scope is not None:
-            log.info("cancelling job", reason=reason, state=handle.state.value)
-            handle.scope.cancel()
-        for child in list(handle.children):
-            if child in self._handles:
-                await self.cancel(child, f"parent job {job_id} cancelled: {reason}", wait=False)
-
-    async def _cancel_watcher(self) -> None:
-        """Obey cancel requests other processes (``herd cancel``) write to the store.
-
-        Polls one indexed query every ``cancel_poll_interval`` s (anyio's
-        clock); a request for a job this engine drives goes through the same
-        path as a local :meth:`cancel`. A queued/waiting job no engine drives
-        is cancelled in the store.
-        """
-        while True:
-            await anyio.sleep(self.cancel_poll_interval)
-            try:
-                if self._owner and not self._draining and not self._pending_submits:
-                    # Jobs other processes (clients) wrote for this owner. Skipped while a local
-                    # submit is between its store write and its handle (it would be seen twice).
-                    new = await self.store.jobs_after(self._last_job_id)
-                    if new and not self._pending_submits:
-                        self._last_job_id = max(self._last_job_id, new[-1].id)
-                        await self._take(new)
-                requests = await self.store.cancel_requests(after=self._cancel_seq)
-            except EngineError as err:
-                self.log.warning("cannot read the store's new jobs and cancel requests", error=str(err))
-                continue
-            for req in requests:
-                self._cancel_seq = max(self._cancel_seq, req.seq)
-                handle = self._handles.get(req.job_id)
-                if handle is not None:
-                    if handle.cancel_reason is None:
-                        self.log.info("cancel requested by another process", job_id=req.job_id, reason=req.reason)
-                        # The requester's event, for this engine's watchers (written in its process).
-                        for ev in await self.store.events(req.job_id):
-                            if ev.kind == "cancel-requested":
-                                self._publish(ev)
-                    await self._apply_cancel(handle, req.reason)
-                elif self._owner:
-                    for ev in await self._shielded(self.store.cancel_pending_job(req.job_id, now=self.clock())):
-                        self._publish(ev)
 
     async def instance(self, name: str) -> InstanceRecord:
         """The inventory record of ``name``."""
@@ -653,433 +473,11 @@ class Engine:
 
     def nodes(self) -> list[NodeStatus]:
         """Each node's health as last seen by the pinger."""
-        return [msgspec.structs.replace(self._health[n].status) for n in self.node_names if n in self._health]
+        return self._nodes.statuses()
 
     def locks(self) -> dict[str, list[int]]:
         """Held locks and their owners (diagnostics)."""
-        return self._locks.snapshot()
-
-    # --- the job's life -----------------------------------------------------
-
-    async def _job_main(self, h: _JobHandle) -> None:
-        log = self.log.bind(job_id=h.id, op=h.op.kind)
-        try:
-            if h.recovering:
-                await self._recover(h, log)
-            else:
-                await self._drive(h, log)
-        except anyio.get_cancelled_exc_class():
-            if not self._closing:
-                log.error("job task cancelled unexpectedly")
-            raise
-        except BaseException as exc:  # a bug in the engine: record it, never lose the job silently
-            log.exception("engine error while driving job")
-            if not self._closing and not h.state.final:
-                with contextlib.suppress(Exception):
-                    await self._finish(h, JobState.FAILED, error=ErrorInfo.from_exception(exc))
-            if not isinstance(exc, Exception):
-                raise
-        finally:
-            self._release(h)
-            if h.state.final or not self._closing:
-                self._handles.pop(h.id, None)
-            h.done.set()
-            if not self._closing:
-                self._schedule()
-
-    async def _drive(self, h: _JobHandle, log: Any) -> None:
-        """From queued to running, then the workflow."""
-        h.scope = anyio.CancelScope()
-        if h.cancel_reason is not None:
-            h.scope.cancel()
-        failure: BaseException | None = None
-        with h.scope:
-            if h.state is JobState.QUEUED:
-                failure = await self._wait_dependencies(h)
-            if failure is None:
-                while True:
-                    inventory = await self._inventory()
-                    try:
-                        h.op.validate(inventory, self.node_names)
-                        h.locks = normalise(h.op.lock_requests(inventory))
-                    except EngineError as err:
-                        failure = err
-                        break
-                    h.migration_nodes = self._safe_migration_nodes(h.op, inventory)
-                    self._waiting[h.id] = h
-                    self._schedule()
-                    states = [] if h.state is JobState.WAITING else [JobState.WAITING]
-                    if not h.granted.is_set():
-                        if states:
-                            await self._transition(h, states)
-                            states = []
-                        await h.granted.wait()
-                        # Inventory may have moved while we waited (a migration):
-                        # the locks must match where the instance is *now*.
-                        fresh = await self._inventory()
-                        try:
-                            wanted = normalise(h.op.lock_requests(fresh))
-                        except (KeyError, EngineError):
-                            wanted = h.locks  # validation on the next pass will say why
-                        if wanted != h.locks:
-                            log.info("inventory changed while waiting; re-queueing for the right locks")
-                            self._release(h)
-                            h.granted = anyio.Event()
-                            self._schedule()
-                            continue
-                    await self._transition(h, [*states, JobState.RUNNING])
-                    break
-        if failure is not None:
-            await self._finish(h, JobState.FAILED, error=ErrorInfo.from_exception(failure))
-            return
-        if h.state is not JobState.RUNNING:
-            # Cancelled before it ran.
-            if h.cancel_reason is not None:
-                await self._finish(h, JobState.CANCELLED, error=ErrorInfo.from_exception(JobCancelled(f"cancelled while {h.state.value}: {h.cancel_reason}")))
-            return
-        await self._execute(h, log)
-
-    async def _wait_dependencies(self, h: _JobHandle) -> BaseException | None:
-        for dep in h.depends_on:
-            job = await self.wait(dep)
-            if job.state is not JobState.SUCCEEDED:
-                why = f": {job.error}" if job.error else ""
-                return DependencyFailed(f"job {dep}, which job {h.id} depends on, ended {job.state.value}{why}")
-        return None
-
-    async def _execute(self, h: _JobHandle, log: Any) -> None:
-        workflow = workflow_for(h.op.kind)(h.op)
-        ctx = await self._context(h, log)
-        work = anyio.CancelScope()
-        h.scope = work
-        if h.cancel_reason is not None and h.ponr is None:
-            work.cancel()
-        result: Any = None
-        error: BaseException | None = None
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._progress_writer, ctx)
-            with work:
-                try:
-                    result = await workflow.run(ctx)
-                except Exception as exc:  # the workflow failed
-                    error = exc
-            with anyio.CancelScope(shield=True):
-                if work.cancelled_caught or (error is None and h.cancel_reason is not None and h.ponr is None and work.cancel_called):
-                    await self._compensate_and_finish(h, workflow, ctx, log, cancelled=True, error=None)
-                elif error is not None:
-                    if h.ponr is None:
-                        await self._compensate_and_finish(h, workflow, ctx, log, cancelled=False, error=error)
-                    else:
-                        await ctx._flush_progress()
-                        await self._finish(h, JobState.FAILED, error=ErrorInfo.from_exception(error))
-                else:
-                    result = _builtins(result)
-                    if h.cancel_reason is not None:
-                        note = {
-                            "reason": h.cancel_reason,
-                            "too_late": True,
-                            "note": f"the cancel arrived after the point of no return ({h.ponr}); the job completed",
-                        }
-                        result = {**result, "cancel": note} if isinstance(result, dict) else {"value": result, "cancel": note}
-                    await ctx._flush_progress()
-                    await self._finish(h, JobState.SUCCEEDED, result=result)
-            tg.cancel_scope.cancel()
-
-    async def _compensate_and_finish(
-        self, h: _JobHandle, workflow: Workflow[Any], ctx: Context, log: Any, *, cancelled: bool, error: BaseException | None
-    ) -> None:
-        reason = h.cancel_reason if cancelled else f"failed: {error}"
-        if cancelled:
-            await self._transition(h, [JobState.CANCELLING], data={"reason": reason})
-        log.info("compensating", reason=reason)
-        ctx.mode = "compensate"
-        comp_error: BaseException | None = None
-        try:
-            with anyio.fail_after(workflow.COMPENSATION_TIMEOUT):
-                await workflow.compensate(ctx, reason or "")
-        except Exception as exc:
-            comp_error = exc
-            log.error("compensation failed", error=str(exc))
-        await ctx._flush_progress()
-        if cancelled and comp_error is None:
-            await self._finish(h, JobState.CANCELLED, error=ErrorInfo.from_exception(JobCancelled(f"cancelled: {reason}")))
-        elif cancelled:
-            await self._finish(
-                h, JobState.FAILED,
-                error=ErrorInfo.from_exception(CompensationFailed(f"cancelled ({reason}), but compensation failed: {type(comp_error).__name__}: {comp_error}")),
-            )
-        else:
-            assert error is not None
-            info = ErrorInfo.from_exception(error)
-            if comp_error is not None:
-                info = msgspec.structs.replace(info, message=f"{info.message} (and compensation failed: {type(comp_error).__name__}: {comp_error})")
-            await self._finish(h, JobState.FAILED, error=info)
-
-    async def _recover(self, h: _JobHandle, log: Any) -> None:
-        """Drive a job found running at open to a final state; never guess."""
-        workflow = workflow_for(h.op.kind)(h.op)
-        delay, cap = self.recovery_backoff
-        log.warning("recovering job found active at open", state=h.state.value)
-        while True:
-            ctx = await self._context(h, log, recovering=True)
-            failure: Exception | None = None
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._progress_writer, ctx)
-                try:
-                    outcome = await workflow.recover(ctx)
-                except Exception as exc:  # caught here, so no ExceptionGroup wraps it
-                    failure = exc
-                finally:
-                    tg.cancel_scope.cancel()
-            try:
-                if failure is not None:
-                    raise failure
-            except (NodeUnreachable, CallTimeout, RecoveryPending, StepTimeout) as exc:
-                note = f"recovery pending: {type(exc).__name__}: {exc}; retrying in {delay:.1f}s"
-                log.warning("recovery pending", error=str(exc), retry_in=delay)
-                self._publish(await self._shielded(self.store.set_recovery(h.id, note, now=self.clock())))
-                await anyio.sleep(delay * (0.75 + 0.5 * self.rng.random()))
-                delay = min(cap, delay * 2)
-                continue
-            except Exception as exc:
-                outcome = Outcome.failed(exc)
-            break
-        if not isinstance(outcome, Outcome):
-            outcome = Outcome.failed(EngineError(f"{type(workflow).__name__}.recover returned {outcome!r}, not an Outcome"))
-        await ctx._flush_progress()
-        result = _builtins(outcome.result)
-        if isinstance(result, dict):
-            result = {**result, "recovered": True}
-        elif result is None:
-            result = {"recovered": True}
-        error = ErrorInfo.from_exception(outcome.error) if outcome.error is not None else None
-        if outcome.state is JobState.FAILED and error is None:
-            error = ErrorInfo(type="EngineError", message="recovery failed the job")
-        await self._finish(h, outcome.state, result=result, error=error)
-
-    async def _context(self, h: _JobHandle, log: Any, recovering: bool = False) -> Context:
-        job = await self.store.get_job(h.id)
-        ctx = Context(
-            engine=self, handle=h, journal=list(job.steps), recovering=recovering, mode="recover" if recovering else "run",
-            rng=random.Random(self.rng.random()), log=log,
-        )
-        h.ctx = ctx
-        return ctx
-
-    # --- scheduling ---------------------------------------------------------
-
-    def _schedule(self) -> None:
-        """Grant locks to waiting jobs: priority then age; better waiters reserve theirs."""
-        if self._closing:
-            return
-        reserved: list[list[LockRequest]] = []
-        for h in sorted(self._waiting.values(), key=lambda j: (j.priority, j.id)):
-            if h.granted.is_set() or (self._draining and h.parent_id is None):
-                continue
-            if len(self._running) >= self.max_running_jobs:
-                break
-            blocked = any(conflicts(h.locks, r) for r in reserved)
-            over = any(self._migrations.get(n, 0) >= self.max_migrations_per_node for n in h.migration_nodes)
-            if not blocked and not over and self._locks.try_acquire(h.id, h.locks):
-                del self._waiting[h.id]
-                self._running.add(h.id)
-                self._count_migrations(h, +1)
-                h.granted.set()
-            else:
-                reserved.append(h.locks)
-
-    def _release(self, h: _JobHandle) -> None:
-        self._waiting.pop(h.id, None)
-        if h.id in self._running:
-            self._running.discard(h.id)
-            self._count_migrations(h, -1)
-        self._locks.release_all(h.id)
-
-    def _count_migrations(self, h: _JobHandle, delta: int) -> None:
-        for n in h.migration_nodes:
-            self._migrations[n] = self._migrations.get(n, 0) + delta
-
-    @staticmethod
-    def _safe_migration_nodes(op: Operation, inventory: dict[str, InstanceRecord]) -> tuple[str, ...]:
-        try:
-            return tuple(op.migration_nodes(inventory))
-        except (KeyError, EngineError):
-            return ()
-
-    async def _submit_child(self, parent: _JobHandle, op: Operation, *, priority: int) -> int:
-        job_id = await self.submit(op, priority=priority, parent_id=parent.id)
-        parent.children.add(job_id)
-        if parent.cancel_reason is not None and parent.ponr is None:
-            await self.cancel(job_id, f"parent job {parent.id} cancelled: {parent.cancel_reason}", wait=False)
-        return job_id
-
-    # --- writes (shielded: a write that starts is finished and announced) ---
-
-    @staticmethod
-    async def _shielded(coro: Any) -> Any:
-        with anyio.CancelScope(shield=True):
-            return await coro
-
-    async def _transition(self, h: _JobHandle, states: Sequence[JobState], *, data: dict[str, Any] | None = None) -> None:
-        events = await self._shielded(self.store.transition(h.id, states, now=self.clock(), data=data))
-        h.state = states[-1]
-        for ev in events:
-            self._publish(ev)
-        self.log.info("job state", job_id=h.id, op=h.op.kind, state=h.state.value)
-
-    async def _finish(self, h: _JobHandle, state: JobState, *, result: Any = None, error: ErrorInfo | None = None) -> None:
-        events = await self._shielded(self.store.transition(h.id, [state], now=self.clock(), result=result, error=error))
-        h.state = state
-        for ev in events:
-            self._publish(ev)
-        log = self.log.bind(job_id=h.id, op=h.op.kind, state=state.value)
-        if error is not None:
-            log.warning("job finished", error=str(error))
-        else:
-            log.info("job finished")
-
-    async def _step_start(self, ctx: Context, *, name: str, node: str | None, method: str | None, args: str, deadline: float | None) -> Step:
-        await ctx._flush_progress()
-        step, event = await self._shielded(
-            self.store.step_start(ctx.job_id, name=name, node=node, method=method, args=args, deadline=deadline, now=self.clock())
-        )
-        ctx.journal.append(step)
-        self._publish(event)
-        return step
-
-    async def _step_end(
-        self, ctx: Context, step: Step, *, state: StepState, result: Any = None, error: ErrorInfo | None = None,
-        attempts: int = 1, inventory: Sequence[InventoryChange] = (),
-    ) -> None:
-        now = self.clock()
-        try:
-            event = await self._shielded(
-                self.store.step_end(ctx.job_id, step.idx, state=state, now=now, result=result, error=error, attempts=attempts, inventory=inventory)
-            )
-        finally:
-            if inventory:
-                self._inventory_changed()
-        step.state, step.ended_at, step.result, step.error, step.attempts = state, now, result, error, attempts
-        self._publish(event)
-
-    async def _job_event(self, job_id: int, kind: str, data: dict[str, Any]) -> None:
-        self._publish(await self._shielded(self.store.add_event(job_id, kind, data, now=self.clock())))
-
-    async def _set_ponr(self, ctx: Context, reason: str) -> None:
-        ctx.handle.ponr = reason
-        self._publish(await self._shielded(self.store.set_point_of_no_return(ctx.job_id, reason, now=self.clock())))
-        ctx.log.info("point of no return", reason=reason)
-
-    def _progress_pending(self, ctx: Context) -> None:
-        ctx.handle.progress_wake.set()
-
-    async def _write_progress(self, ctx: Context, batch: list[dict[str, Any]]) -> None:
-        for fields in batch:
-            self._publish(await self._shielded(self.store.add_event(ctx.job_id, "progress", _builtins(fields), now=self.clock())))
-
-    async def _progress_writer(self, ctx: Context) -> None:
-        h = ctx.handle
-        while True:
-            await h.progress_wake.wait()
-            h.progress_wake = anyio.Event()
-            await ctx._flush_progress()
-
-    def _publish(self, event: Event) -> None:
-        for send in list(self._subscribers.get(event.job_id, ())):
-            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
-                send.send_nowait(event)
-
-    def _close_subscribers(self) -> None:
-        for subs in self._subscribers.values():
-            for send in list(subs):
-                send.close()
-
-    # --- nodes --------------------------------------------------------------
-
-    async def _node_call(
-        self, node: str, method: str, args: Sequence[Any], kwargs: dict[str, Any], *, on_progress: Any, fail_fast: bool = True
-    ) -> Any:
-        """One call; with ``fail_fast``, NodeOffline if the node is (or goes) offline."""
-        health = self._health.get(node)
-        if health is None:
-            raise NodeOffline(f"node {node!r} is not part of the cluster", node=node)
-        client = self.transport.node(node)
-        if not fail_fast:
-            return await client.call(method, *args, on_progress=on_progress, **kwargs)
-        if not health.status.online:
-            raise NodeOffline(f"node {node} is offline ({health.status.error}); not calling {method}", node=node)
-        outcome: dict[str, Any] = {}
-        offline_event = health.offline_event
-        async with anyio.create_task_group() as tg:
-
-            async def watch_offline() -> None:
-                await offline_event.wait()
-                outcome["offline"] = True
-                tg.cancel_scope.cancel()
-
-            tg.start_soon(watch_offline)
-            try:
-                outcome["result"] = await client.call(method, *args, on_progress=on_progress, **kwargs)
-            except Exception as exc:
-                outcome["error"] = exc
-            tg.cancel_scope.cancel()
-        if "error" in outcome:
-            raise outcome["error"]
-        if outcome.get("offline") and "result" not in outcome:
-            raise NodeOffline(
-                f"node {node} went offline during {method}: NodeUnreachable: {health.status.error}", node=node
-            )
-        return outcome.get("result")
-
-    async def _ping(self, name: str) -> str | None:
-        """One ping; the error text, or None when the node answered."""
-        try:
-            await self.transport.node(name).call("ping", call_timeout=self.node_ping_timeout)
-        except (TransportError, TimeoutError, OSError, hv.HypervisorError) as exc:
-            return f"{type(exc).__name__}: {exc}"
-        return None
-
-    async def _set_online(self, name: str, error: str | None) -> None:
-        """Record a node's health; an event when it changes."""
-        health = self._health[name]
-        now = self.clock()
-        status = health.status
-        status.checked_at = now
-        if error is None and not status.online:
-            status.online, status.error, status.since = True, None, now
-            health.offline_event = anyio.Event()
-            self.log.info("node online", node=name)
-            self._publish(await self._shielded(self.store.add_event(None, "node-online", {"node": name}, now=now)))
-        elif error is not None and status.online:
-            status.online, status.error, status.since = False, error, now
-            health.offline_event.set()
-            self.log.warning("node offline", node=name, error=error)
-            self._publish(await self._shielded(self.store.add_event(None, "node-offline", {"node": name, "error": error}, now=now)))
-            if self.node_ping_interval is None and self._tg is not None and not self._closing:
-                self._tg.start_soon(self._probe_until_online, name)
-        elif error is not None:
-            status.error = error
-
-    async def _mark_unreachable(self, name: str, error: BaseException) -> None:
-        """A call found the node unreachable: offline now, so others fail fast."""
-        if name in self._health and not isinstance(error, NodeOffline):
-            await self._set_online(name, f"{type(error).__name__}: {error}")
-
-    async def _pinger(self, name: str) -> None:
-        assert self.node_ping_interval is not None
-        while True:
-            await self._set_online(name, await self._ping(name))
-            await anyio.sleep(self.node_ping_interval)
-
-    async def _probe_until_online(self, name: str) -> None:
-        """Without a periodic pinger: ping an offline node with backoff until it answers."""
-        delay = 0.2
-        while not self._health[name].status.online:
-            await anyio.sleep(delay * (0.75 + 0.5 * self.rng.random()))
-            error = await self._ping(name)
-            await self._set_online(name, error)
-            delay = min(delay * 2, 5.0)
-
+        return self._sched.locks.snapshot()
 
 async def _busy_message(store: Store) -> str:
     """"another engine runs jobs from STORE: pid N since T (role)" for :class:`EngineBusy`."""
@@ -1089,19 +487,3 @@ async def _busy_message(store: Store) -> str:
     host = f" on {who['host']}" if who.get("host") and who.get("host") != socket.gethostname() else ""
     role = f" ({who['role']})" if who.get("role") else ""
     return f"another engine runs jobs from {getattr(store, 'path', store)}: pid {who.get('pid', '?')}{host}{when}{role}; stop it or submit to it"
-
-
-def _is_final_event(event: Event) -> bool:
-    if event.kind != "state":
-        return False
-    try:
-        return JobState(event.data.get("state")).final
-    except ValueError:
-        return False
-
-
-def _builtins(value: Any) -> Any:
-    try:
-        return msgspec.to_builtins(value)
-    except TypeError:
-        return repr(value)

@@ -8,8 +8,9 @@ deadlines (per-method defaults, overridable per operation with
 
 Adding an operation: subclass :class:`Operation` with ``tag="kebab-name"``,
 implement ``validate`` and ``lock_requests`` (or inherit
-:class:`InstanceOperation`'s), then register a workflow for it with
-``@register_workflow(YourOp)`` in a module of ``engine/workflows/``.
+:class:`InstanceOperation`'s), then write a workflow with ``OP = YourOp``
+and list it in the engine's table (built-ins: ``engine.workflows.BUILTIN_WORKFLOWS``;
+the built-in operations: ``engine._optable.BUILTIN_OPERATIONS``).
 """
 
 from __future__ import annotations
@@ -51,10 +52,6 @@ DEFAULT_STEP_DEADLINES: dict[str, float] = {
 }
 #: When nothing else says: a generous bound, never infinity.
 FALLBACK_DEADLINE = 300.0
-
-#: Every operation class by its kind tag (filled by :func:`operation_type`).
-OPERATIONS: dict[str, type[Operation]] = {}
-
 
 class Operation(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", forbid_unknown_fields=True):
     """Base of every operation. ``deadlines`` overrides step deadlines (s)."""
@@ -264,67 +261,22 @@ class Noop(Operation, frozen=True, kw_only=True, tag="noop"):
         return [instance_lock(self.hold_instance, exclusive=True)] if self.hold_instance else []
 
 
-def _refresh_registry() -> None:
-    """Register every concrete Operation subclass (those with an explicit tag).
-
-    Abstract bases keep msgspec's default tag, their class name. (msgspec
-    sets the tag after ``__init_subclass__`` runs, hence a scan.)
-    """
-    todo = list(Operation.__subclasses__())
-    while todo:
-        cls = todo.pop()
-        todo.extend(cls.__subclasses__())
-        tag = cls.__struct_config__.tag
-        if isinstance(tag, str) and tag != cls.__name__:
-            if OPERATIONS.get(tag, cls) is not cls:
-                raise TypeError(f"operation kind {tag!r} defined twice ({OPERATIONS[tag].__name__}, {cls.__name__})")
-            OPERATIONS[tag] = cls
-
-
-def operation_type(kind: str) -> type[Operation]:
-    """The operation class for ``kind`` (InvalidOperation when unknown)."""
-    if kind not in OPERATIONS:
-        _refresh_registry()
+def operation_type(kind: str, operations: Mapping[str, type[Operation]]) -> type[Operation]:
+    """The operation class for ``kind`` in ``operations`` (InvalidOperation when unknown)."""
     try:
-        return OPERATIONS[kind]
+        return operations[kind]
     except KeyError:
-        raise InvalidOperation(f"unknown operation kind {shorten(kind)} (known: {', '.join(sorted(OPERATIONS))})") from None
+        raise InvalidOperation(f"unknown operation kind {shorten(kind)} (known: {', '.join(sorted(operations))})") from None
 
 
 def encode_op(op: Operation) -> bytes:
     return msgspec.json.encode(op)
 
 
-def decode_op(kind: str, data: bytes | str) -> Operation:
-    """Decode a stored or submitted operation of ``kind`` (validated by type)."""
+def decode_op(kind: str, data: bytes | str, operations: Mapping[str, type[Operation]]) -> Operation:
+    """Decode a stored or submitted operation of ``kind`` (validated by type; ``operations``: the kinds known)."""
     try:
-        return msgspec.json.decode(data, type=operation_type(kind))
-    except msgspec.ValidationError as err:
-        raise InvalidOperation(f"{kind}: {err}") from err
-
-
-def op_from_dict(data: Mapping[str, Any]) -> Operation:
-    """An operation from a mapping with a ``kind`` key (CLI, HTTP).
-
-    ``kind`` names the operation and nothing else: it must be a string, and
-    the fields may not carry a second one (the CLI refuses ``kind=`` among
-    the fields before it gets here, see :func:`fields_from_pairs`).
-    """
-    if not isinstance(data, Mapping) or "kind" not in data:
-        raise InvalidOperation(f"an operation needs a 'kind' key: {shorten(data)}")
-    kind = data["kind"]
-    if not isinstance(kind, str):
-        raise InvalidOperation(f"an operation's 'kind' must be a string, not {type(kind).__name__} {shorten(kind)}")
-    bad_keys = [k for k in data if not isinstance(k, str)]
-    if bad_keys:
-        raise InvalidOperation(f"{kind}: field names must be strings, not {shorten(bad_keys[0])}")
-    cls = operation_type(kind)
-    for key in data:
-        if key != "kind" and key not in cls.__struct_fields__:
-            named = f"`{key}`" if len(key) <= 80 else shorten(key)
-            raise InvalidOperation(f"{kind}: unknown field {named} (fields: {', '.join(cls.__struct_fields__)})")
-    try:
-        return msgspec.convert(dict(data), type=cls)
+        return msgspec.json.decode(data, type=operation_type(kind, operations))
     except msgspec.ValidationError as err:
         raise InvalidOperation(f"{kind}: {err}") from err
 

@@ -31,7 +31,7 @@ import os
 import stat
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -42,6 +42,7 @@ import msgspec
 from ._inventory import InstanceRecord, InventoryChange, apply_change
 from ._jobs import TRANSITIONS, ErrorInfo, Event, Job, JobState, Step, StepState
 from ._ops import Operation, decode_op, encode_op
+from ._optable import BUILTIN_OPERATIONS
 from .errors import InstanceNotKnown, JobNotFound, StoreError
 
 T = TypeVar("T")
@@ -320,10 +321,17 @@ class _WriteRequest:
 class SqliteStore(Store):
     """The embedded store: one SQLite file in WAL mode."""
 
-    def __init__(self, path: str | os.PathLike[str], *, synchronous: str = "FULL", readonly: bool = False) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, synchronous: str = "FULL", readonly: bool = False,
+        operations: Mapping[str, type[Operation]] | None = None,
+    ) -> None:
         """``readonly``: open the file read-only (SQLite ``mode=ro``): nothing is
         created, migrated or written, so a store whose file and directory
-        are not writable can still be read (``herd list``/``show``/``watch``)."""
+        are not writable can still be read (``herd list``/``show``/``watch``).
+        ``operations``: the operation kinds its jobs are decoded as (default:
+        the built-ins; an engine adds those of its workflows)."""
+        #: Operation class per kind, to decode stored jobs.
+        self.operations: Mapping[str, type[Operation]] = BUILTIN_OPERATIONS if operations is None else operations
         if synchronous.upper() not in ("FULL", "NORMAL", "EXTRA", "OFF"):
             raise StoreError(f"synchronous must be FULL, NORMAL, EXTRA or OFF, not {synchronous!r}")
         self.path = Path(path)
@@ -627,14 +635,13 @@ class SqliteStore(Store):
         cur = conn.execute("INSERT INTO events (job_id, ts, kind, data) VALUES (?, ?, ?, ?)", (job_id, now, kind, text))
         return Event(seq=int(cur.lastrowid or 0), job_id=job_id, ts=now, kind=kind, data=_loads(text))
 
-    @staticmethod
-    def _job_from_row(row: Sequence[Any]) -> Job:
+    def _job_from_row(self, row: Sequence[Any]) -> Job:
         try:
             (id_, kind, op, state, priority, created, updated, started, finished, result, error, reason, ponr, parent, deps, recovery) = row
             return Job(
                 id=id_,
                 kind=kind,
-                op=decode_op(kind, op),
+                op=decode_op(kind, op, self.operations),
                 state=JobState(state),
                 priority=priority,
                 created_at=created,

@@ -34,7 +34,8 @@ import typer
 
 from ._engine import Engine
 from ._jobs import Event, Job, JobState
-from ._ops import fields_from_pairs, op_from_dict
+from ._ops import fields_from_pairs
+from ._optable import op_from_dict
 from ._store import SqliteStore
 from .errors import EngineError, InvalidOperation, JobNotFound, shorten
 

@@ -64,6 +64,39 @@ REMOTE_METHODS: tuple[str, ...] = (
 
 TAP_PREFIX = "gnt.com."
 
+_HOST_PORT = r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})$"
+_TARGET_TCP = re.compile(r"^tcp:" + _HOST_PORT)
+_TARGET_ANY = re.compile(r"^(?:tcp:)?" + _HOST_PORT)
+
+
+#: What an instance name may be on a node: safe as a file name (no separators, no dot-files), ≤ 63 chars.
+_INSTANCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+def is_instance_name(name: Any) -> bool:
+    """Whether ``name`` is a valid instance name (see :func:`check_instance_name`)."""
+    return isinstance(name, str) and _INSTANCE_NAME.match(name) is not None
+
+
+def check_instance_name(name: Any, *, node: str | None = None) -> str:
+    """``name`` when it is safe as a file name: no separators, no dot-files, ≤ 63 chars."""
+    if not is_instance_name(name):
+        raise HypervisorError(
+            f"invalid instance name {name!r}: 1-63 characters of letters, digits, '.', '_', '-', starting alphanumeric",
+            node=node,
+        )
+    return name
+
+
+def tcp_address(host: str, port: int) -> str:
+    """``"tcp:HOST:PORT"`` with an IPv6 host in brackets."""
+    return f"tcp:{bracket_host(host)}:{port}"
+
+
+def bracket_host(host: str) -> str:
+    """``host`` as it stands before ``:PORT`` (an IPv6 address in brackets)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
 
 class BaseHypervisor:
     """Abstract virtualisation interface.
@@ -81,6 +114,7 @@ class BaseHypervisor:
 
     def __init__(self, *, node: str | None = None) -> None:
         self.node = node
+        self._locks: dict[str, anyio.Lock] = {}
 
     # --- lifecycle ----------------------------------------------------------
 
@@ -170,7 +204,7 @@ class BaseHypervisor:
         """
         return target
 
-    async def migrate_instance(self, cluster_name: str, instance: Instance, target: str, live: bool) -> None:
+    async def migrate_instance(self, instance: Instance, target: str, live: bool) -> None:
         """Start migrating ``instance`` to ``target`` (what accept returned)."""
         raise NotImplementedError
 
@@ -281,6 +315,39 @@ class BaseHypervisor:
     async def aclose(self) -> None:
         """Release what the driver holds (monitor connections, listeners)."""
         return None
+
+    # --- shared by the drivers ------------------------------------------------
+    # Small steps both drivers take the same way, written once here.
+
+    def _err(self, cls: type[HypervisorError], msg: str) -> HypervisorError:
+        """``cls(msg)`` naming this driver's node."""
+        return cls(msg, node=self.node)
+
+    def _lock(self, name: str) -> anyio.Lock:
+        """The lock serialising state changes of instance ``name`` in this driver."""
+        return self._locks.setdefault(name, anyio.Lock())
+
+    def _stop_name(self, instance: Instance | None, name: str | None) -> str:
+        """The instance ``stop_instance`` is about: ``name``, else the instance's name."""
+        if name is None:
+            if instance is None:
+                raise self._err(HypervisorError, "stop_instance needs an instance or a name")
+            name = instance.name
+        return name
+
+    def _incoming_host(self, name: str, target: str, listen_host: str) -> str:
+        """The host ``accept_instance`` answers with: ``target``, else ``listen_host``; never a wildcard."""
+        host = target or listen_host
+        if host in ("0.0.0.0", "::"):
+            raise self._err(MigrationError, f"instance {name}: accept_instance needs this node's address, not {host}")
+        return host
+
+    def _migration_target(self, name: str, target: str, *, scheme_optional: bool = False) -> tuple[str, int]:
+        """``(host, port)`` of ``"tcp:HOST:PORT"`` (``[v6]`` hosts unbracketed); a MigrationError otherwise."""
+        m = (_TARGET_ANY if scheme_optional else _TARGET_TCP).match(target if isinstance(target, str) else "")
+        if m is None or not 0 < int(m.group(2)) <= 65535:
+            raise self._err(MigrationError, f"instance {name}: bad migration target {_params.shorten(target)} (want tcp:HOST:PORT)")
+        return m.group(1).strip("[]"), int(m.group(2))
 
 
 # --- Linux node info ---------------------------------------------------------

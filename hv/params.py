@@ -321,17 +321,23 @@ def _run(fn: Callable[[Any], bool], value: Any) -> tuple[bool, str]:
         return False, ""
 
 
-def check_syntax(parameters: Mapping[str, Check | tuple], hvparams: Mapping[str, Any], *, hypervisor: str = "") -> None:
-    """The master-side checks: unknown, missing, required-but-unset, syntax."""
+#: Which half of a :class:`Check` each pass applies: (function index, message index, what failing is called).
+_PASSES: dict[str, tuple[int, int, str]] = {
+    "syntax": (1, 2, "fails syntax check"),
+    "validity": (3, 4, "fails validation"),
+}
+
+
+def _check(
+    parameters: Mapping[str, Check | tuple], hvparams: Mapping[str, Any], *, hypervisor: str, which: str
+) -> None:
+    """One loop for both passes: missing, required-but-unset, then the pass's half of each check."""
+    fn_at, msg_at, fails = _PASSES[which]
     where = f" for hypervisor {hypervisor!r}" if hypervisor else ""
     if not isinstance(hvparams, Mapping):
         raise ParameterError(f"hvparams must be a mapping{where}, not {type(hvparams).__name__}")
-    for key in hvparams:
-        if key not in parameters:
-            known = ", ".join(sorted(parameters)) or "none"
-            raise ParameterError(f"Parameter {shorten(key)} is not supported{where} (value: {shorten(hvparams[key])}; known: {known})")
     for name, check in parameters.items():
-        required, syntax_fn, syntax_msg, _, _ = check
+        required, fn, msg = check[0], check[fn_at], check[msg_at]
         if name not in hvparams:
             raise ParameterError(f"Parameter {name!r} is missing{where}")
         value = hvparams[name]
@@ -339,27 +345,24 @@ def check_syntax(parameters: Mapping[str, Check | tuple], hvparams: Mapping[str,
             if required:
                 raise ParameterError(f"Parameter {name!r} is required but is not defined{where} (value: {shorten(value)})")
             continue
-        if syntax_fn is not None:
-            ok, why = _run(syntax_fn, value)
+        if fn is not None:
+            ok, why = _run(fn, value)
             if not ok:
                 detail = f": {why}" if why else ""
-                raise ParameterError(f"Parameter {name!r} fails syntax check: {syntax_msg}{detail} (value: {shorten(value)}){where}")
+                raise ParameterError(f"Parameter {name!r} {fails}: {msg}{detail} (value: {shorten(value)}){where}")
+
+
+def check_syntax(parameters: Mapping[str, Check | tuple], hvparams: Mapping[str, Any], *, hypervisor: str = "") -> None:
+    """The master-side checks: unknown, missing, required-but-unset, syntax."""
+    if isinstance(hvparams, Mapping):
+        where = f" for hypervisor {hypervisor!r}" if hypervisor else ""
+        for key in hvparams:
+            if key not in parameters:
+                known = ", ".join(sorted(parameters)) or "none"
+                raise ParameterError(f"Parameter {shorten(key)} is not supported{where} (value: {shorten(hvparams[key])}; known: {known})")
+    _check(parameters, hvparams, hypervisor=hypervisor, which="syntax")
 
 
 def check_validity(parameters: Mapping[str, Check | tuple], hvparams: Mapping[str, Any], *, hypervisor: str = "") -> None:
     """The node-side checks (files exist, …), same error rules."""
-    where = f" for hypervisor {hypervisor!r}" if hypervisor else ""
-    for name, check in parameters.items():
-        required, _, _, validity_fn, validity_msg = check
-        if name not in hvparams:
-            raise ParameterError(f"Parameter {name!r} is missing{where}")
-        value = hvparams[name]
-        if is_unspecified(value):
-            if required:
-                raise ParameterError(f"Parameter {name!r} is required but is not defined{where} (value: {shorten(value)})")
-            continue
-        if validity_fn is not None:
-            ok, why = _run(validity_fn, value)
-            if not ok:
-                detail = f": {why}" if why else ""
-                raise ParameterError(f"Parameter {name!r} fails validation: {validity_msg}{detail} (value: {shorten(value)}){where}")
+    _check(parameters, hvparams, hypervisor=hypervisor, which="validity")

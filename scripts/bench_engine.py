@@ -28,7 +28,9 @@ import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine import Cluster, Engine, JobState, Noop, SqliteStore, configure_logging  # noqa: E402
+from engine import Cluster, Engine, JobState, Noop  # noqa: E402
+from engine._log import configure_logging  # noqa: E402
+from engine._store import SqliteStore  # noqa: E402
 from transport import LocalTransport  # noqa: E402
 
 

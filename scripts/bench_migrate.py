@@ -31,7 +31,8 @@ import msgspec
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import hv  # noqa: E402
-from engine import AdminState, Cluster, Engine, InstanceRecord, JobState, Migrate, configure_logging  # noqa: E402
+from engine import AdminState, Cluster, Engine, InstanceRecord, JobState, Migrate  # noqa: E402
+from engine._log import configure_logging  # noqa: E402
 from hv.fake import FakeHypervisor  # noqa: E402
 
 MIB = 1024 * 1024

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import transport  # noqa: E402
-from transport.ssh import _ssh_options  # noqa: E402
+from transport.ssh import load_known_hosts  # noqa: E402
 from transport.testing import LocalCluster  # noqa: E402
 
 
@@ -78,7 +78,8 @@ async def bench(n: int, server: str, setups: int) -> None:
             setup_samples = []
             for i in range(setups):
                 t0 = anyio.current_time()
-                conn = await asyncssh.connect(node.address, **_ssh_options(cfg, node))
+                ssh = cfg.ssh_settings(node.name)
+                conn = await asyncssh.connect(ssh.host, **ssh.asyncssh_options(load_known_hosts(cfg, node)))
                 proc = await conn.create_process(shlex.join(["cat"]), encoding=None)
                 proc.stdin.write(b"x\n")
                 await proc.stdout.readline()

@@ -53,7 +53,7 @@ async def demo(base: Path, memory_mib: int, bandwidth_mib: int, dirty_mib: int, 
         address = await dst.accept_instance(spec, info, "127.0.0.1")
         print(f"migrating web1 ({memory_mib} MiB) node1 -> node2 via {address}, "
               f"bandwidth {bandwidth_mib} MiB/s, guest dirtying {dirty_mib} MiB/s")
-        await src.migrate_instance("demo", spec, address, True)
+        await src.migrate_instance(spec, address, True)
         last_print = -1.0
         forced = False
         with anyio.fail_after(120):

@@ -19,7 +19,8 @@ from typing import Any
 import anyio
 
 import hv
-from engine import AdminState, Cluster, Engine, InstanceRecord, JobState, Migrate, VerifyCluster, configure_logging
+from engine import AdminState, Cluster, Engine, InstanceRecord, JobState, Migrate, VerifyCluster
+from engine._log import configure_logging
 from hv.fake import FakeHypervisor
 
 MIB = 1024 * 1024

@@ -1,6 +1,6 @@
 """How the engine reaches a node: wire protocol, node agent, local and SSH transports.
 
-``async with connect(load_cluster("cluster.toml")) as t:`` then
+``async with connect(load_cluster_config("cluster.toml")) as t:`` then
 ``await t.node("n1").get_node_info()`` — the same call whether the node's
 agent runs in this process (:class:`LocalTransport`) or behind SSH
 (:class:`SshTransport`). See docs/transport.md.
@@ -9,7 +9,7 @@ agent runs in this process (:class:`LocalTransport`) or behind SSH
 from __future__ import annotations
 
 from ._base import NodeClient, ProgressCallback, Transport
-from .config import ClusterConfig, NodeConfig, load_cluster, parse_cluster
+from .config import ClusterConfig, ConnectSettings, NodeConfig, SshSettings, load_cluster_config, parse_cluster
 from .errors import (
     CallTimeout,
     ConfigError,
@@ -37,6 +37,11 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module 'transport' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    """The public names only (``__all__``), the lazily imported transports included."""
+    return sorted(__all__)
+
+
 def connect(cluster: ClusterConfig) -> Transport:
     """The transport for ``cluster``: local, SSH, or both routed per node.
 
@@ -59,6 +64,7 @@ __all__ = [
     "CallTimeout",
     "ClusterConfig",
     "ConfigError",
+    "ConnectSettings",
     "HostKeyError",
     "LocalTransport",
     "MultiTransport",
@@ -67,12 +73,13 @@ __all__ = [
     "NodeUnreachable",
     "ProgressCallback",
     "ProtocolError",
+    "SshSettings",
     "SshTransport",
     "Transport",
     "TransportError",
     "TransportFaults",
     "UnknownNode",
     "connect",
-    "load_cluster",
+    "load_cluster_config",
     "parse_cluster",
 ]

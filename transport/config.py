@@ -1,6 +1,6 @@
 """The cluster description: which nodes, how to reach them, which driver they run.
 
-Loaded from TOML by :func:`load_cluster`::
+Loaded from TOML by :func:`load_cluster_config`::
 
     [cluster]
     name = "lab"
@@ -26,6 +26,10 @@ Loaded from TOML by :func:`load_cluster`::
 
 ``[instances]`` and ``[engine]`` belong to the engine and are ignored here;
 any other unknown table or key is an error naming the file, key and reason.
+
+The ``[cluster]`` knobs are declared once, in :class:`ConnectSettings`; what
+the SSH client uses to reach one node is one :class:`SshSettings`
+(``cluster.ssh_settings(name)``).
 """
 
 from __future__ import annotations
@@ -84,11 +88,13 @@ class NodeConfig(msgspec.Struct, kw_only=True, frozen=True):
         return argv
 
 
-class ClusterConfig(msgspec.Struct, kw_only=True, frozen=True):
-    """A whole cluster: nodes plus the SSH and call-timeout knobs."""
+class ConnectSettings(msgspec.Struct, kw_only=True, frozen=True):
+    """The cluster-wide connection knobs (``[cluster]`` keys) and their defaults, declared once.
 
-    name: str
-    nodes: dict[str, NodeConfig]
+    :class:`ClusterConfig`, the TOML loader and :class:`~transport.testing.LocalCluster`
+    all take them from here.
+    """
+
     connect_timeout: float = 10.0
     agent_start_timeout: float = 10.0
     keepalive_interval: float = 1.0
@@ -96,20 +102,94 @@ class ClusterConfig(msgspec.Struct, kw_only=True, frozen=True):
     reconnect_backoff_min: float = 0.2
     reconnect_backoff_max: float = 5.0
     call_timeout: float | None = 300.0
+
+    def connect_settings(self) -> dict[str, Any]:
+        """Just the knobs, by name (for building another struct that has them)."""
+        return {key: getattr(self, key) for key in CONNECT_SETTINGS}
+
+
+#: The names of the knobs, in the order they are written.
+CONNECT_SETTINGS: tuple[str, ...] = ConnectSettings.__struct_fields__
+
+
+class SshSettings(msgspec.Struct, kw_only=True, frozen=True):
+    """Everything herd's SSH client uses to reach one node, in one place.
+
+    Built by :meth:`ClusterConfig.ssh_settings` from the node and the
+    cluster's knobs; used by :class:`~transport.ssh.SshTransport`, the test
+    cluster and the benchmarks alike. Fixed by design (not settings): key
+    authentication only, no ssh-agent, no agent forwarding, no password, no
+    GSS, no ``~/.ssh/config``.
+    """
+
+    node: str
+    host: str
+    port: int
+    username: str | None  # None: the local user (the file loader requires it; a struct built in code may not)
+    identity_file: str | None  # None: no key offered (authentication will fail)
+    known_hosts: str
+    connect_timeout: float
+    agent_start_timeout: float
+    keepalive_interval: float
+    keepalive_count_max: int
+
+    def asyncssh_options(self, known_hosts: Any) -> dict[str, Any]:
+        """``asyncssh.connect`` keywords (host aside); ``known_hosts`` is the loaded file's object."""
+        return {
+            "port": self.port,
+            "username": self.username,
+            "client_keys": [self.identity_file] if self.identity_file else [],
+            "known_hosts": known_hosts,
+            "keepalive_interval": self.keepalive_interval,
+            "keepalive_count_max": self.keepalive_count_max,
+            # The caller's own stage deadline bounds the connect; asyncssh's
+            # would end it without saying which stage it was stuck in.
+            "connect_timeout": None,
+            "login_timeout": self.connect_timeout,
+            "preferred_auth": "publickey",
+            "agent_path": None,
+            "agent_forwarding": False,
+            "password": None,
+            "gss_host": None,
+            "config": [],
+        }
+
+
+class ClusterConfig(ConnectSettings, kw_only=True, frozen=True):
+    """A whole cluster: nodes plus the SSH and call-timeout knobs."""
+
+    name: str
+    nodes: dict[str, NodeConfig]
     source: str | None = None  # the file it came from
 
+    def ssh_settings(self, node: str) -> SshSettings:
+        """How to reach ``node`` over SSH (ConfigError if unknown or without known_hosts)."""
+        cfg = self.nodes.get(node)
+        if cfg is None:
+            raise ConfigError(f"{self.source or '<cluster>'}: [nodes.{node}]: no such node", node=node)
+        if cfg.known_hosts is None:
+            raise ConfigError(
+                f"{self.source or '<cluster>'}: [nodes.{node}] known_hosts: required for the ssh transport (missing): "
+                "set it there or in [cluster]",
+                node=node,
+            )
+        return SshSettings(
+            node=node,
+            host=cfg.address,
+            port=cfg.port,
+            username=cfg.user,
+            identity_file=cfg.identity_file,
+            known_hosts=cfg.known_hosts,
+            connect_timeout=self.connect_timeout,
+            agent_start_timeout=self.agent_start_timeout,
+            keepalive_interval=self.keepalive_interval,
+            keepalive_count_max=self.keepalive_count_max,
+        )
+
     def to_toml(self) -> str:
-        """This description as TOML that :func:`load_cluster` reads back."""
+        """This description as TOML that :func:`load_cluster_config` reads back."""
         lines = ["[cluster]", f"name = {_toml(self.name)}"]
-        for key in (
-            "connect_timeout",
-            "agent_start_timeout",
-            "keepalive_interval",
-            "keepalive_count_max",
-            "reconnect_backoff_min",
-            "reconnect_backoff_max",
-            "call_timeout",
-        ):
+        for key in CONNECT_SETTINGS:
             value = getattr(self, key)
             if value is not None:
                 lines.append(f"{key} = {_toml(value)}")
@@ -139,7 +219,7 @@ def _toml(value: Any) -> str:
     raise TypeError(f"cannot write {value!r} as TOML")
 
 
-class _ClusterTable(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class _ClusterTable(ConnectSettings, kw_only=True, frozen=True, forbid_unknown_fields=True):
     name: str
     transport: Literal["local", "ssh"] = "ssh"
     user: str | None = None
@@ -147,13 +227,6 @@ class _ClusterTable(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     known_hosts: str | None = None
     hypervisor: str = "fake"
     agent_command: list[str] | None = None
-    connect_timeout: float = 10.0
-    agent_start_timeout: float = 10.0
-    keepalive_interval: float = 1.0
-    keepalive_count_max: int = 2
-    reconnect_backoff_min: float = 0.2
-    reconnect_backoff_max: float = 5.0
-    call_timeout: float | None = 300.0
 
 
 class _NodeTable(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -168,7 +241,7 @@ class _NodeTable(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     transport: Literal["local", "ssh"] | None = None
 
 
-def load_cluster(path: str | os.PathLike[str]) -> ClusterConfig:
+def load_cluster_config(path: str | os.PathLike[str]) -> ClusterConfig:
     """Read and validate a cluster TOML file (ConfigError names file, key, reason)."""
     path = Path(path)
     try:
@@ -257,18 +330,7 @@ def parse_cluster(data: dict[str, Any], *, source: str = "<cluster>", base_dir: 
                 if getattr(node, key) is None:
                     raise fail(f"{where}.{key}", "required for the ssh transport (missing): set it here or in [cluster]")
         nodes[name] = node
-    return ClusterConfig(
-        name=cluster.name,
-        nodes=nodes,
-        connect_timeout=cluster.connect_timeout,
-        agent_start_timeout=cluster.agent_start_timeout,
-        keepalive_interval=cluster.keepalive_interval,
-        keepalive_count_max=cluster.keepalive_count_max,
-        reconnect_backoff_min=cluster.reconnect_backoff_min,
-        reconnect_backoff_max=cluster.reconnect_backoff_max,
-        call_timeout=cluster.call_timeout,
-        source=source,
-    )
+    return ClusterConfig(name=cluster.name, nodes=nodes, source=source, **cluster.connect_settings())
 
 
 def _where(key: str) -> str:

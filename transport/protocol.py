@@ -12,7 +12,7 @@ Frames (``id`` is an int or a str chosen by the caller, unique while in flight):
     client → agent   {"v": 1, "id": 7, "cancel": true}
     agent → client   {"v": 1, "id": 7, "progress": {…}}              (0..n, long calls)
     agent → client   {"v": 1, "id": 7, "result": …}                  (one of these three)
-    agent → client   {"v": 1, "id": 7, "error": {"kind", "class", "message", "node"}}
+    agent → client   {"v": 1, "id": 7, "error": {"kind", "class", "mro", "message", "node"}}
     agent → client   {"v": 1, "id": 7, "cancelled": true}            (after a cancel: cleanup ran)
 
 ``params`` maps the driver method's parameter names to their values; both
@@ -22,6 +22,10 @@ inside it. An error about a frame that has no usable id carries ``"id": null``.
 ``timeout`` (optional, seconds) is the call's own deadline: the agent cancels
 the call when it runs out even if the client's cancel frame never arrives
 (a partition), and answers with an error of kind ``timeout``.
+An hv error's ``mro`` lists the qualified names of its classes up to
+HypervisorError (``["hv.fake._driver.StreamStalled", "hv.errors.MigrationError",
+"hv.errors.HypervisorError"]``): the engine rebuilds the first one it knows
+(see :func:`error_from_payload`); an older agent's frame without it still works.
 """
 
 from __future__ import annotations
@@ -175,17 +179,83 @@ def _json_type(value: Any) -> str:
 # --- errors across the wire ------------------------------------------------------
 
 
+#: Most class names an error frame's ``mro`` may list, and longest name accepted.
+MAX_ERROR_MRO = 32
+MAX_CLASS_NAME = 256
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def known_error_classes() -> dict[str, type[HypervisorError]]:
+    """The hv error classes an error frame may name, by qualified and by bare name.
+
+    Only the public hv tree (:data:`hv.errors.ERROR_CLASSES`): a node cannot
+    make the engine instantiate anything else, whatever its frame says.
+    """
+    known: dict[str, type[HypervisorError]] = {}
+    for name, cls in ERROR_CLASSES.items():
+        known[name] = cls
+        known[_qualified(cls)] = cls
+    return known
+
+
+_KNOWN_ERRORS = known_error_classes()
+
+
+def error_ancestry(err: HypervisorError) -> list[str]:
+    """The qualified names of ``err``'s classes from its own up to HypervisorError (MRO order).
+
+    Kept within what the engine accepts (names over :data:`MAX_CLASS_NAME`
+    left out; past :data:`MAX_ERROR_MRO` names, its own class and the ones
+    nearest HypervisorError, where the public classes are),
+    so that an odd class never turns the driver's error into a protocol error.
+    """
+    names = [_qualified(cls) for cls in type(err).__mro__ if issubclass(cls, HypervisorError)]
+    names = [name for name in names if len(name) <= MAX_CLASS_NAME]
+    if len(names) > MAX_ERROR_MRO:
+        names = [names[0], *names[-(MAX_ERROR_MRO - 1) :]]
+    return names
+
+
 def error_payload(err: BaseException, *, node: str | None) -> dict[str, Any]:
-    """How an exception raised on the node is described in an error frame."""
+    """How an exception raised on the node is described in an error frame.
+
+    An hv error also carries ``mro``: its ancestry up to HypervisorError, so
+    that the engine rebuilds the nearest class it knows (a driver's own
+    subclass arrives as its public ancestor, not as a bare HypervisorError).
+    """
     if isinstance(err, HypervisorError):
-        return {"kind": KIND_HV, "class": type(err).__name__, "message": err.message, "node": err.node or node}
+        return {
+            "kind": KIND_HV,
+            "class": type(err).__name__[:MAX_CLASS_NAME],
+            "mro": error_ancestry(err),
+            "message": err.message,
+            "node": err.node or node,
+        }
     if isinstance(err, ProtocolError):
         return {"kind": KIND_PROTOCOL, "class": "ProtocolError", "message": err.message, "node": node}
     return {"kind": KIND_INTERNAL, "class": type(err).__name__, "message": str(err), "node": node}
 
 
+def _valid_mro(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and 0 < len(value) <= MAX_ERROR_MRO
+        and all(isinstance(name, str) and 0 < len(name) <= MAX_CLASS_NAME for name in value)
+    )
+
+
 def error_from_payload(payload: Any, *, node: str, method: str) -> Exception:
-    """Rebuild the exception an error frame describes (the same hv class, node set)."""
+    """Rebuild the exception an error frame describes: the nearest known hv class, node set.
+
+    With ``mro`` (this agent's frames) the first class of the list that is
+    in :func:`known_error_classes` is built; without it (an older agent) the
+    class named by ``class`` if known, else a plain HypervisorError whose
+    message names that class. Either way ``remote_type`` is the class the
+    node raised, and the message and node are kept.
+    """
     if not isinstance(payload, dict) or not isinstance(payload.get("message"), str):
         return ProtocolError(f"malformed error in reply to {method}: {payload!r:.200}", node=node)
     cls_name = payload.get("class")
@@ -196,10 +266,32 @@ def error_from_payload(payload: Any, *, node: str, method: str) -> Exception:
         return ProtocolError(f"{method}: agent refused the call: {message}", node=err_node)
     if kind == KIND_TIMEOUT:
         return CallTimeout(message, node=err_node)
-    cls = ERROR_CLASSES.get(cls_name) if kind == KIND_HV and isinstance(cls_name, str) else None
+    if cls_name is not None and (not isinstance(cls_name, str) or not 0 < len(cls_name) <= MAX_CLASS_NAME):
+        return ProtocolError(
+            f"malformed error in reply to {method}: 'class' must be a class name of at most {MAX_CLASS_NAME} "
+            f"characters, got {cls_name!r:.80} (message: {message:.200})",
+            node=err_node,
+        )
+    remote_type = cls_name or "HypervisorError"
+    if kind == KIND_HV and "mro" in payload:
+        mro = payload["mro"]
+        if not _valid_mro(mro):
+            return ProtocolError(
+                f"malformed error in reply to {method}: 'mro' must be a list of 1..{MAX_ERROR_MRO} class names, "
+                f"got {mro!r:.80} (message: {message:.200})",
+                node=err_node,
+            )
+        cls = next((_KNOWN_ERRORS[name] for name in mro if name in _KNOWN_ERRORS), HypervisorError)
+        return _remote(cls(message, node=err_node), remote_type)
+    cls = _KNOWN_ERRORS.get(cls_name) if kind == KIND_HV and cls_name is not None else None
     if cls is not None:
-        return cls(message, node=err_node)
-    return HypervisorError(f"{cls_name}: {message}" if cls_name else message, node=err_node)
+        return _remote(cls(message, node=err_node), remote_type)
+    return _remote(HypervisorError(f"{cls_name}: {message}" if cls_name else message, node=err_node), remote_type)
+
+
+def _remote(err: HypervisorError, remote_type: str) -> HypervisorError:
+    err.remote_type = remote_type  # type: ignore[attr-defined]  # the class the node raised
+    return err
 
 
 # --- framing ---------------------------------------------------------------------
@@ -353,8 +445,10 @@ __all__ = [
     "encode_frame",
     "encode_params",
     "frame_head_id",
+    "error_ancestry",
     "error_from_payload",
     "error_payload",
+    "known_error_classes",
     "from_wire",
     "method_spec",
     "nesting_depth",

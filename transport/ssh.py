@@ -37,7 +37,7 @@ import structlog
 
 from ._conn import ConnectionTransport, NodeState, StageTimeout, connect_stage
 from .client import AgentConnection
-from .config import ClusterConfig, NodeConfig, check_known_hosts
+from .config import ClusterConfig, NodeConfig, SshSettings, check_known_hosts
 from .errors import ConfigError, HostKeyError, NodeUnreachable
 
 log = structlog.get_logger("herd.transport.ssh")
@@ -57,8 +57,7 @@ class StrictKnownHosts(asyncssh.SSHKnownHosts):
 
 def load_known_hosts(cluster: ClusterConfig, node: NodeConfig) -> StrictKnownHosts:
     """The node's known_hosts, read now (ConfigError naming the file if it cannot be)."""
-    path = node.known_hosts
-    assert path is not None  # required for ssh nodes by the config loader
+    path = cluster.ssh_settings(node.name).known_hosts
     try:
         check_known_hosts(node, source=cluster.source)
     except ConfigError as err:
@@ -83,26 +82,6 @@ def load_known_hosts(cluster: ClusterConfig, node: NodeConfig) -> StrictKnownHos
             node=node.name,
         ) from None
     return known
-
-
-def _ssh_options(cluster: ClusterConfig, node: NodeConfig, known_hosts: StrictKnownHosts) -> dict[str, Any]:
-    return {
-        "port": node.port,
-        "username": node.user,
-        "client_keys": [node.identity_file] if node.identity_file else [],
-        "known_hosts": known_hosts,
-        "keepalive_interval": cluster.keepalive_interval,
-        "keepalive_count_max": cluster.keepalive_count_max,
-        # Our own stage deadline (connect_stage) bounds the connect; asyncssh's
-        # would end it without saying which stage it was stuck in.
-        "connect_timeout": None,
-        "login_timeout": cluster.connect_timeout,
-        "preferred_auth": "publickey",
-        "agent_path": None,
-        "password": None,
-        "gss_host": None,
-        "config": [],
-    }
 
 
 class _StageClient(asyncssh.SSHClient):
@@ -153,15 +132,16 @@ class SshTransport(ConnectionTransport):
 
     async def _serve_connection(self, state: NodeState, started: Callable[[AgentConnection], None]) -> None:
         node = self.cluster.nodes[state.name]
+        settings = self.cluster.ssh_settings(node.name)
         t0 = anyio.current_time()
         known_hosts = load_known_hosts(self.cluster, node)
         client = _StageClient()
-        where = f" of {node.address}:{node.port}"
+        where = f" of {settings.host}:{settings.port}"
         ssh: asyncssh.SSHClientConnection | None = None
         try:
-            with connect_stage(node.name, lambda: client.stage, self.cluster.connect_timeout, where):
+            with connect_stage(node.name, lambda: client.stage, settings.connect_timeout, where):
                 ssh = await asyncssh.connect(
-                    node.address, client_factory=lambda: client, **_ssh_options(self.cluster, node, known_hosts)
+                    settings.host, client_factory=lambda: client, **settings.asyncssh_options(known_hosts)
                 )
         except asyncssh.HostKeyNotVerifiable as err:
             raise describe_host_key_error(node, err, known_hosts) from None
@@ -174,7 +154,7 @@ class SshTransport(ConnectionTransport):
                 client.conn.abort()  # an abandoned handshake: drop the socket now
         state.hangup = ssh.close
         try:
-            await self._serve_agent(state, node, ssh, started, t0)
+            await self._serve_agent(state, node, settings, ssh, started, t0)
         finally:
             ssh.close()
             with anyio.CancelScope(shield=True), anyio.move_on_after(2):
@@ -184,12 +164,13 @@ class SshTransport(ConnectionTransport):
         self,
         state: NodeState,
         node: NodeConfig,
+        settings: SshSettings,
         ssh: asyncssh.SSHClientConnection,
         started: Callable[[AgentConnection], None],
         t0: float,
     ) -> None:
         command = shlex.join(node.agent_argv())
-        limit = self.cluster.agent_start_timeout
+        limit = settings.agent_start_timeout
         deadline = anyio.current_time() + limit
         try:
             with connect_stage(node.name, "agent session", limit, f" ({command})"):

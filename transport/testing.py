@@ -35,7 +35,7 @@ import anyio
 import anyio.abc
 import asyncssh
 
-from .config import ClusterConfig, NodeConfig
+from .config import ClusterConfig, ConnectSettings, NodeConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SSHD = "/usr/sbin/sshd"
@@ -158,11 +158,16 @@ class LocalCluster:
         self.server = server
         self.hv_options = dict(hv_options or {})
         self.cluster_name = cluster_name
-        self.keepalive_interval = keepalive_interval
-        self.keepalive_count_max = keepalive_count_max
-        self.call_timeout = call_timeout
-        self.connect_timeout = connect_timeout
-        self.agent_start_timeout = agent_start_timeout
+        #: The cluster's connection knobs (fast reconnects: test nodes come and go).
+        self.settings = ConnectSettings(
+            connect_timeout=connect_timeout,
+            agent_start_timeout=agent_start_timeout,
+            keepalive_interval=keepalive_interval,
+            keepalive_count_max=keepalive_count_max,
+            reconnect_backoff_min=0.1,
+            reconnect_backoff_max=1.0,
+            call_timeout=call_timeout,
+        )
         self.user = getpass.getuser()
         self._nodes = {name: _Node(name, self.base_dir / name) for name in self.names}
         self.identity_file = self.base_dir / "id_ed25519"
@@ -288,16 +293,7 @@ class LocalCluster:
                 transport="ssh",
             )
         return ClusterConfig(
-            name=self.cluster_name,
-            nodes=nodes,
-            connect_timeout=self.connect_timeout,
-            agent_start_timeout=self.agent_start_timeout,
-            keepalive_interval=self.keepalive_interval,
-            keepalive_count_max=self.keepalive_count_max,
-            reconnect_backoff_min=0.1,
-            reconnect_backoff_max=1.0,
-            call_timeout=self.call_timeout,
-            source=str(self.config_path),
+            name=self.cluster_name, nodes=nodes, source=str(self.config_path), **self.settings.connect_settings()
         )
 
     async def _start_server(self, node: _Node) -> None:

@@ -16,7 +16,7 @@ import hv
 from transport.errors import TransportError
 
 from .._ops_migration import EvacuateNode, Migrate
-from .._workflow import Context, Outcome, Workflow, register_workflow
+from .._workflow import Context, Outcome, Workflow
 from ..errors import EngineError, StepFailed
 from ._util import as_type
 
@@ -25,18 +25,18 @@ class EvacuationIncomplete(StepFailed):
     """Some instances could not be moved off the node (the message lists them)."""
 
 
-@register_workflow(EvacuateNode)
 class EvacuateWorkflow(Workflow[EvacuateNode]):
+    OP = EvacuateNode
     COMPENSATION_TIMEOUT = 30.0
 
     async def _free_memory(self, ctx: Context) -> dict[str, int]:
-        candidates = self.op.targets or [n for n in ctx.engine.node_names if n != self.op.node]
+        candidates = self.op.targets or [n for n in ctx.nodes.names if n != self.op.node]
         free: dict[str, int] = {}
         for node in candidates:
-            if not ctx.node_online(node):
+            if not ctx.nodes.online(node):
                 continue
             try:
-                info = as_type(await ctx.call(node, "get_node_info", idempotent=True, step="target-memory", deadline=10.0), hv.NodeInfo, what="get_node_info")
+                info = as_type(await ctx.nodes.call(node, idempotent=True, step="target-memory", deadline=10.0).get_node_info(), hv.NodeInfo, what="get_node_info")
             except (hv.HypervisorError, TransportError, TimeoutError, StepFailed):
                 continue
             free[node] = info.memory_free
@@ -44,9 +44,9 @@ class EvacuateWorkflow(Workflow[EvacuateNode]):
 
     async def run(self, ctx: Context) -> Any:
         node = self.op.node
-        inventory = await ctx.engine.instances()
+        inventory = await ctx.inventory.all()
         mine = sorted(name for name, r in inventory.items() if r.primary == node)
-        raw = await ctx.call(node, "get_all_instances_info", idempotent=True, step="list-instances")
+        raw = await ctx.nodes.call(node, idempotent=True, step="list-instances").get_all_instances_info()
         running = {i.name: i for i in (as_type(x, hv.InstanceInfo, what="get_all_instances_info") for x in raw)}
         free = await self._free_memory(ctx)
         results: dict[str, dict[str, Any]] = {}
@@ -65,7 +65,7 @@ class EvacuateWorkflow(Workflow[EvacuateNode]):
             free[target] -= min(info.memory, free[target])
             plan.append((name, target))
             results[name] = {"state": "planned", "target": target, "memory": info.memory}
-        async with ctx.step("plan", node=node) as s:
+        async with ctx.journal.step("plan", node=node) as s:
             s.result = {"plan": [{"instance": n, "target": t} for n, t in plan], "skipped": {n: r for n, r in results.items() if r["state"] != "planned"}}
 
         limiter = anyio.Semaphore(self.op.concurrency)
@@ -77,22 +77,22 @@ class EvacuateWorkflow(Workflow[EvacuateNode]):
                     allow_runtime_changes=self.op.allow_runtime_changes, policy=dict(self.op.policy),
                 )
                 try:
-                    job_id = await ctx.submit_child(op)
+                    job_id = await ctx.jobs.submit_child(op)
                 except EngineError as err:
                     results[name] = {"state": "failed", "target": target, "reason": f"{type(err).__name__}: {err}"}
                     return
                 results[name] = {"state": "running", "target": target, "job": job_id}
-                await ctx.event("evacuate-child", instance=name, target=target, job=job_id)
-                job = await ctx.wait_child(job_id)
+                await ctx.journal.event("evacuate-child", instance=name, target=target, job=job_id)
+                job = await ctx.jobs.wait(job_id)
                 results[name] = {"state": job.state.value, "target": target, "job": job_id}
                 if job.error is not None:
                     results[name]["reason"] = str(job.error)
-                await ctx.event("evacuate-result", instance=name, **results[name])
+                await ctx.journal.event("evacuate-result", instance=name, **results[name])
 
         async with anyio.create_task_group() as tg:
             for name, target in plan:
                 tg.start_soon(move, name, target)
-        async with ctx.step("results", node=node) as s:
+        async with ctx.journal.step("results", node=node) as s:
             s.result = results
         failed = {n: r for n, r in results.items() if r["state"] not in ("succeeded", "skipped")}
         if failed:
@@ -102,11 +102,11 @@ class EvacuateWorkflow(Workflow[EvacuateNode]):
 
     async def recover(self, ctx: Context) -> Outcome:
         # The children are jobs of their own (recovered on their own); report what they did.
-        children = [j for j in await ctx.engine.list() if j.parent_id == ctx.job_id]
+        children = await ctx.jobs.children()
         for child in children:
             if not child.final:
-                await ctx.engine.wait(child.id)
-        children = [await ctx.engine.get(j.id) for j in children]
+                await ctx.jobs.wait(child.id)
+        children = [await ctx.jobs.get(j.id) for j in children]
         results = {getattr(j.op, "instance", str(j.id)): {"state": j.state.value, "job": j.id, "target": getattr(j.op, "target", None)} for j in children}
         if ctx.cancel_reason is not None:
             return Outcome.cancelled(ctx.cancel_reason, {"instances": results})

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 
@@ -37,12 +37,10 @@ from transport.errors import CallTimeout, NodeUnreachable, TransportError
 from .._inventory import AddPendingCleanup, AdminState, ClearPendingCleanup, InventoryChange, SetAdminState, SetPrimary
 from .._jobs import JobState
 from .._ops_migration import Reconcile
-from .._workflow import Context, Outcome, Workflow, register_service, register_workflow
+from .._seam import ServiceHost
+from .._workflow import Context, Outcome, Workflow
 from ..errors import EngineError, RecoveryPending, StepFailed, StepTimeout
 from ._util import as_type, instance_info
-
-if TYPE_CHECKING:
-    from .._engine import Engine
 
 #: Seconds one observation of a node may take (retries included).
 OBSERVE_DEADLINE = 5.0
@@ -147,9 +145,7 @@ async def observe(ctx: Context, spec: hv.Instance, node: str, prefix: str) -> No
     pending rather than waiting here.
     """
     try:
-        raw = await ctx.call(
-            node, "get_instance_info", spec.name, deadline=OBSERVE_DEADLINE, step=f"{prefix}-observe"
-        )
+        raw = await ctx.nodes.call(node, deadline=OBSERVE_DEADLINE, step=f"{prefix}-observe").get_instance_info(spec.name)
         info = instance_info(raw)
     except _UNREACHABLE as err:
         return NodeView(node, Copy.UNKNOWN, error=f"{type(err).__name__}: {err}")
@@ -158,9 +154,7 @@ async def observe(ctx: Context, spec: hv.Instance, node: str, prefix: str) -> No
     migration = None
     if info is not None and hv.HvInstanceState(info.state) is not hv.HvInstanceState.INCOMING:
         try:
-            raw = await ctx.call(
-                node, "get_migration_status", spec, deadline=OBSERVE_DEADLINE, step=f"{prefix}-migration-status"
-            )
+            raw = await ctx.nodes.call(node, deadline=OBSERVE_DEADLINE, step=f"{prefix}-migration-status").get_migration_status(spec)
             migration = as_type(raw, hv.MigrationStatus, what="get_migration_status")
         except _UNREACHABLE as err:
             return NodeView(node, Copy.UNKNOWN, info=info, error=f"{type(err).__name__}: {err}")
@@ -191,10 +185,12 @@ class _Settler:
         self.views[node] = view
         return view
 
-    async def act(self, node: str, method: str, *args: Any, what: str, inventory: Iterable[InventoryChange] = (), **kwargs: Any) -> bool:
-        """One corrective call; True when it succeeded (failures are recorded, not raised)."""
+    async def act(
+        self, node: str, what: str, action: Callable[[hv.BaseHypervisor], Awaitable[Any]], *, inventory: Iterable[InventoryChange] = ()
+    ) -> bool:
+        """One corrective call (a journaled step ``PREFIX-WHAT``); True when it succeeded (failures are recorded, not raised)."""
         try:
-            await self.ctx.call(node, method, *args, step=f"{self.prefix}-{what}", deadline=ACT_DEADLINE, inventory=list(inventory), **kwargs)
+            await action(self.ctx.nodes.call(node, step=f"{self.prefix}-{what}", deadline=ACT_DEADLINE, inventory=list(inventory)))
         except (hv.HypervisorError, *_UNREACHABLE) as err:
             self.actions.append(f"{what} on {node} failed: {type(err).__name__}: {err}")
             return False
@@ -205,24 +201,24 @@ class _Settler:
         """Remove a copy that lost to ``winner``'s proven-running one."""
         node = view.node
         if view.copy in (Copy.INCOMING, Copy.RECEIVED):
-            await self.act(node, "finalize_migration_dst", self.spec, "", False, what="discard-incoming")
+            await self.act(node, "discard-incoming", lambda h: h.finalize_migration_dst(self.spec, "", False))
         elif view.copy is Copy.MIGRATED:
-            if not await self.act(node, "finalize_migration_source", self.spec, True, True, what="finalize-migrated-source"):
-                await self.act(node, "stop_instance", self.spec, force=True, retry=True, what="stop-leftover")
+            if not await self.act(node, "finalize-migrated-source", lambda h: h.finalize_migration_source(self.spec, True, True)):
+                await self.act(node, "stop-leftover", lambda h: h.stop_instance(self.spec, force=True, retry=True))
         elif view.copy in (Copy.PAUSED, Copy.SHUTDOWN, Copy.RUNNING):
-            await self.act(node, "stop_instance", self.spec, force=True, retry=True, what="stop-duplicate")
+            await self.act(node, "stop-duplicate", lambda h: h.stop_instance(self.spec, force=True, retry=True))
         await self.look(node)
 
     async def run(self, nodes: Iterable[str], *, abort_active: bool) -> Settlement:
         for node in dict.fromkeys(nodes):
-            if node in self.optional and not self.ctx.node_online(node):
+            if node in self.optional and not self.ctx.nodes.online(node):
                 self.actions.append(f"{node} not asked: offline")
                 continue
             await self.look(node)
         if abort_active:
             for view in list(self.views.values()):
                 if view.copy in (Copy.RUNNING, Copy.PAUSED) and view.migrating:
-                    await self.act(view.node, "cancel_migration", self.spec, what="cancel-migration")
+                    await self.act(view.node, "cancel-migration", lambda h: h.cancel_migration(self.spec))
                     await self.look(view.node)
         views = self.views
         unknown = [v for v in views.values() if v.copy is Copy.UNKNOWN]
@@ -249,7 +245,7 @@ class _Settler:
                 if view.node != winner.node and view.copy not in (Copy.ABSENT, Copy.UNKNOWN):
                     await self.discard(view, winner.node)
             if winner.migration_failed:
-                await self.act(winner.node, "finalize_migration_source", self.spec, False, True, what="finalize-source-rollback")
+                await self.act(winner.node, "finalize-source-rollback", lambda h: h.finalize_migration_source(self.spec, False, True))
             return await self._finish(winner.node)
 
         received = [v for v in views.values() if v.copy is Copy.RECEIVED]
@@ -263,7 +259,7 @@ class _Settler:
             for view in list(views.values()):
                 if view.node != source.node and view.copy in (Copy.INCOMING, Copy.RECEIVED):
                     await self.discard(view, source.node)
-            await self.act(source.node, "finalize_migration_source", self.spec, False, True, what="finalize-source-rollback")
+            await self.act(source.node, "finalize-source-rollback", lambda h: h.finalize_migration_source(self.spec, False, True))
             view = await self.look(source.node)
             if view.copy is Copy.RUNNING or view.copy is Copy.PAUSED:
                 return await self._finish(source.node)
@@ -277,10 +273,7 @@ class _Settler:
                     "cannot be asked whether the source resumed: not finishing blindly",
                 )
             target = received[0]
-            ok = await self.act(
-                target.node, "finalize_migration_dst", self.spec, "", True, what="finalize-target",
-                inventory=[SetPrimary(instance=self.spec.name, node=target.node)],
-            )
+            ok = await self.act(target.node, "finalize-target", lambda h: h.finalize_migration_dst(self.spec, "", True), inventory=[SetPrimary(instance=self.spec.name, node=target.node)])
             view = await self.look(target.node)
             if not ok or view.copy is not Copy.RUNNING:
                 return self._settled("pending", None, f"{self.spec.name}: finishing the migration on {target.node} failed ({view.copy.value})")
@@ -313,7 +306,7 @@ class _Settler:
 
     async def pending(self, settlement: Settlement) -> None:
         """Unprovable: record a pending cleanup on each node that could not be asked."""
-        record = await self.ctx.instance(self.spec.name)
+        record = await self.ctx.inventory.instance(self.spec.name)
         pending_nodes = {p.node for p in record.pending_cleanup}
         changes: list[InventoryChange] = [
             AddPendingCleanup(instance=self.spec.name, node=v.node, reason=f"could not be asked while reconciling: {v.error}")
@@ -321,10 +314,10 @@ class _Settler:
             if v.copy is Copy.UNKNOWN and v.node not in pending_nodes
         ]
         if changes:
-            await self.ctx.commit(f"{self.prefix}-pending", changes, message=settlement.message)
+            await self.ctx.journal.commit(f"{self.prefix}-pending", changes, message=settlement.message)
 
     async def _finish(self, winner: str) -> Settlement:
-        record = await self.ctx.instance(self.spec.name)
+        record = await self.ctx.inventory.instance(self.spec.name)
         changes: list[InventoryChange] = []
         if record.primary != winner:
             changes.append(SetPrimary(instance=self.spec.name, node=winner))
@@ -332,19 +325,19 @@ class _Settler:
             changes.append(SetAdminState(instance=self.spec.name, state=AdminState.UP))
         changes.extend(self._cleanup_changes(record.pending_cleanup, winner))
         settlement = self._settled("running", winner, f"{self.spec.name} runs on {winner}")
-        await self.ctx.commit(f"{self.prefix}-settled", changes, **settlement.as_result())
+        await self.ctx.journal.commit(f"{self.prefix}-settled", changes, **settlement.as_result())
         return settlement
 
     async def _down(self, migrated: list[NodeView]) -> Settlement:
-        record = await self.ctx.instance(self.spec.name)
+        record = await self.ctx.inventory.instance(self.spec.name)
         why = "runs on no node"
         if migrated:
             why = f"is paused after a completed migration on {', '.join(v.node for v in migrated)} and no target holds it"
         changes: list[InventoryChange] = [SetAdminState(instance=self.spec.name, state=AdminState.DOWN)]
         changes.extend(self._cleanup_changes(record.pending_cleanup))
         settlement = self._settled("down", None, f"{self.spec.name} {why}: marked down")
-        await self.ctx.event("alarm" if migrated else "instance-down", instance=self.spec.name, message=settlement.message, evidence=settlement.evidence())
-        await self.ctx.commit(f"{self.prefix}-settled", changes, **settlement.as_result())
+        await self.ctx.journal.event("alarm" if migrated else "instance-down", instance=self.spec.name, message=settlement.message, evidence=settlement.evidence())
+        await self.ctx.journal.commit(f"{self.prefix}-settled", changes, **settlement.as_result())
         return settlement
 
     def _cleanup_changes(self, pending: Iterable[Any], winner: str | None = None) -> list[InventoryChange]:
@@ -375,23 +368,23 @@ async def settle(
     settlement = await settler.run(nodes, abort_active=abort_active)
     if settlement.outcome == "pending":
         await settler.pending(settlement)
-    await ctx.event("reconcile", instance=spec.name, prefix=prefix, **settlement.as_result(), message=settlement.message)
+    await ctx.journal.event("reconcile", instance=spec.name, prefix=prefix, **settlement.as_result(), message=settlement.message)
     if settlement.outcome == "split-brain":
         ctx.log.error("split brain", instance=spec.name, message=settlement.message, evidence=settlement.evidence())
-        await ctx.event("alarm", alarm="split-brain", instance=spec.name, message=settlement.message, evidence=settlement.evidence())
+        await ctx.journal.event("alarm", alarm="split-brain", instance=spec.name, message=settlement.message, evidence=settlement.evidence())
     return settlement
 
 
-@register_workflow(Reconcile)
 class ReconcileWorkflow(Workflow[Reconcile]):
     """The ``Reconcile`` operation: settle one instance from the nodes' real state."""
 
+    OP = Reconcile
     COMPENSATION_TIMEOUT = 120.0
 
     async def run(self, ctx: Context) -> Any:
-        record = await ctx.instance(self.op.instance)
+        record = await ctx.inventory.instance(self.op.instance)
         required = [record.primary, *(p.node for p in record.pending_cleanup), *self.op.nodes]
-        others = [] if self.op.nodes else [n for n in ctx.engine.node_names if n not in required]
+        others = [] if self.op.nodes else [n for n in ctx.nodes.names if n not in required]
         settlement = await settle(ctx, record.spec, [*required, *others], owner=record.primary, prefix="reconcile", optional=others)
         if settlement.outcome in ("pending", "split-brain"):
             raise ReconcileFailed(f"reconcile {self.op.instance}: {settlement.message}", outcome=settlement.outcome, step="reconcile-settled")
@@ -412,7 +405,7 @@ class ReconcileWorkflow(Workflow[Reconcile]):
 # --- the pending-cleanup janitor ----------------------------------------------
 
 
-async def _submit_reconciles(engine: Engine, node: str | None) -> list[int]:
+async def _submit_reconciles(engine: ServiceHost, node: str | None) -> list[int]:
     """A Reconcile job for each instance with pending cleanup (on ``node``), unless one is queued."""
     from .._ops_migration import Reconcile as ReconcileOp
 
@@ -432,12 +425,12 @@ async def _submit_reconciles(engine: Engine, node: str | None) -> list[int]:
     return submitted
 
 
-@register_service("pending-cleanup janitor")
-async def pending_cleanup_janitor(engine: Engine, rescan: float = 30.0) -> None:
+async def pending_cleanup_janitor(engine: ServiceHost, rescan: float = 30.0) -> None:
     """Clean what migrations left on unreachable nodes when those nodes come back.
 
-    An engine service (started by every ``Engine.open``, so cleanups left by
-    an earlier session are handled at once). At start, on every
+    An engine service (in :data:`engine.workflows.BUILTIN_SERVICES`: started
+    by every owner engine, so cleanups left by an earlier session are handled
+    at once). It sees the engine only as a :class:`engine._seam.ServiceHost`. At start, on every
     ``node-online`` event, and every ``rescan`` s, a ``Reconcile`` job is
     submitted for each instance with a pending cleanup on a node that is
     online. Runs until the engine closes.

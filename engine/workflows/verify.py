@@ -21,25 +21,25 @@ from transport.errors import TransportError
 
 from .._inventory import AdminState
 from .._ops_migration import VerifyCluster
-from .._workflow import Context, Outcome, Workflow, register_workflow
+from .._workflow import Context, Outcome, Workflow
 from ..errors import StepFailed
 from ._util import as_type
 
 _PRESENT = (hv.HvInstanceState.RUNNING, hv.HvInstanceState.PAUSED)
 
 
-@register_workflow(VerifyCluster)
 class VerifyWorkflow(Workflow[VerifyCluster]):
+    OP = VerifyCluster
     async def run(self, ctx: Context) -> Any:
-        inventory = await ctx.engine.instances()
+        inventory = await ctx.inventory.all()
         nodes: dict[str, str] = {}
         seen: dict[str, dict[str, str]] = {}  # instance -> node -> state
-        for node in ctx.engine.node_names:
-            if not ctx.node_online(node):
+        for node in ctx.nodes.names:
+            if not ctx.nodes.online(node):
                 nodes[node] = "offline"
                 continue
             try:
-                raw = await ctx.call(node, "get_all_instances_info", idempotent=True, step="list", deadline=10.0)
+                raw = await ctx.nodes.call(node, idempotent=True, step="list", deadline=10.0).get_all_instances_info()
             except (hv.HypervisorError, TransportError, TimeoutError, StepFailed) as err:
                 nodes[node] = f"unreachable: {type(err).__name__}: {err}"
                 continue
@@ -74,7 +74,7 @@ class VerifyWorkflow(Workflow[VerifyCluster]):
         for name in sorted(set(seen) - set(inventory)):
             problem("unknown-instance", name, f"{name} runs on {', '.join(sorted(seen[name]))} but is not in the inventory", nodes=sorted(seen[name]))
         for p in problems:
-            await ctx.event("verify-problem", problem=p["kind"], **{k: v for k, v in p.items() if k != "kind"})
+            await ctx.journal.event("verify-problem", problem=p["kind"], **{k: v for k, v in p.items() if k != "kind"})
         return {"ok": not problems, "nodes": nodes, "instances": len(inventory), "problems": problems}
 
     async def recover(self, ctx: Context) -> Outcome:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ._config import FileFault, Settings
 from ._driver import FakeHypervisor
+from ._live import StreamStalled
 from ._state import InstanceRecord, MigrationRecord, check_instance_name, read_events
 from ._stream import IncomingListener, StreamFactory, TcpStreamFactory
 
@@ -20,6 +21,7 @@ __all__ = [
     "MigrationRecord",
     "Settings",
     "StreamFactory",
+    "StreamStalled",
     "TcpStreamFactory",
     "check_instance_name",
     "read_events",

@@ -14,28 +14,17 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from .._objects import HvInstanceState, Instance
+from ..base import check_instance_name, is_instance_name
 from ..errors import HypervisorError
 
 INSTANCES_DIR = "instances"
 EVENTS_FILE = "events.jsonl"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-
-
-def check_instance_name(name: Any, *, node: str | None = None) -> str:
-    """A name that is safe as a file name: no separators, no dot-files, ≤ 63 chars."""
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise HypervisorError(
-            f"invalid instance name {name!r}: 1-63 characters of letters, digits, '.', '_', '-', starting alphanumeric",
-            node=node,
-        )
-    return name
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -114,7 +103,7 @@ class StateDir:
             entries = sorted(os.listdir(self.instances))
         except FileNotFoundError:
             return []
-        return [e[:-5] for e in entries if e.endswith(".json") and _NAME.match(e[:-5])]
+        return [e[:-5] for e in entries if e.endswith(".json") and is_instance_name(e[:-5])]
 
     def read(self, name: str) -> InstanceRecord | None:
         path = self.record_path(name)

@@ -21,6 +21,8 @@ import anyio
 from anyio.abc import ByteStream, SocketAttribute
 from anyio.streams.buffered import BufferedByteReceiveStream
 
+from ..errors import MigrationError
+
 FRAME_HEADER = struct.Struct("!cI")
 HEADER, DATA, END, ACK = b"H", b"D", b"E", b"A"
 #: The largest JSON frame accepted (a data frame may be up to MAX_DATA_FRAME).
@@ -28,8 +30,8 @@ MAX_JSON_FRAME = 64 * 1024
 MAX_DATA_FRAME = 16 * 1024 * 1024
 
 
-class ProtocolError(Exception):
-    """The peer sent something the protocol does not allow."""
+class ProtocolError(MigrationError):
+    """The peer sent something the stream protocol does not allow (fails the migration)."""
 
 
 @runtime_checkable

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import msgspec
 
 from .._objects import BeParams, Disk, Nic
 from .._process import ExitStatus, proc_state, reap
+from ..base import check_instance_name, is_instance_name
 from ..errors import HypervisorError
 
 log = logging.getLogger("hv.qemu")
@@ -37,8 +37,6 @@ log = logging.getLogger("hv.qemu")
 _STARTED: dict[str, int] = {}
 #: pidfile -> how that QEMU ended, once reaped here.
 _EXITS: dict[str, ExitStatus] = {}
-
-_INSTANCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 RUNTIME_FILE = "runtime.json"
 PID_FILE = "pid"
@@ -57,8 +55,8 @@ class HotDevice(msgspec.Struct, kw_only=True):
     device: dict[str, Any]
 
 
-class Runtime(msgspec.Struct, kw_only=True):
-    """What an instance was started with (the target of a migration gets the same)."""
+class InstanceSpec(msgspec.Struct, kw_only=True):
+    """What an instance is made of: what a migration hands to the target, and part of its runtime."""
 
     name: str
     uuid: str = ""
@@ -66,35 +64,23 @@ class Runtime(msgspec.Struct, kw_only=True):
     beparams: BeParams
     nics: list[Nic] = msgspec.field(default_factory=list)
     disks: list[Disk] = msgspec.field(default_factory=list)
-    taps: list[str | None] = msgspec.field(default_factory=list)
     hotplugged: list[HotDevice] = msgspec.field(default_factory=list)
-    accel: str = "tcg"
     qemu_version: str = ""
+
+
+class Runtime(InstanceSpec, kw_only=True):
+    """What an instance was started with (the target of a migration gets the same spec)."""
+
+    taps: list[str | None] = msgspec.field(default_factory=list)
+    accel: str = "tcg"
     argv: list[str] = msgspec.field(default_factory=list)
     incoming_port: int | None = None
     startup_paused: bool = False
     paused_for_migration: bool = False
 
 
-class MigrationInfo(msgspec.Struct, kw_only=True):
+class MigrationInfo(InstanceSpec, kw_only=True):
     """What ``migration_info`` hands to the target node (JSON)."""
-
-    name: str
-    uuid: str = ""
-    hvparams: dict[str, Any]
-    beparams: BeParams
-    nics: list[Nic] = msgspec.field(default_factory=list)
-    disks: list[Disk] = msgspec.field(default_factory=list)
-    hotplugged: list[HotDevice] = msgspec.field(default_factory=list)
-    qemu_version: str = ""
-
-
-def check_instance_name(name: Any) -> str:
-    if not isinstance(name, str) or not _INSTANCE_NAME.match(name):
-        raise HypervisorError(
-            f"invalid instance name {name!r}: 1-63 characters of letters, digits, '.', '_', '-', starting alphanumeric"
-        )
-    return name
 
 
 class RunDir:
@@ -124,7 +110,7 @@ class RunDir:
             entries = sorted(os.listdir(self.instances))
         except FileNotFoundError:
             return []
-        return [n for n in entries if _INSTANCE_NAME.match(n) and (self.instances / n).is_dir()]
+        return [n for n in entries if is_instance_name(n) and (self.instances / n).is_dir()]
 
     def prepare(self, name: str) -> Path:
         """An empty instance directory (leftovers removed)."""

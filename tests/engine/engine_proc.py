@@ -18,7 +18,9 @@ from pathlib import Path
 import anyio
 import msgspec
 
-from engine import Engine, configure_logging, op_from_dict
+from engine import Engine
+from engine._log import configure_logging
+from engine._optable import op_from_dict
 
 
 def _print(data: object) -> None:

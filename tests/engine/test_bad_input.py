@@ -23,7 +23,8 @@ import anyio
 import pytest
 
 import hv
-from engine import InvalidOperation, op_from_dict
+from engine import InvalidOperation
+from engine._optable import op_from_dict
 from engine._ops import Noop
 from engine._store import SqliteStore
 from engine.cli import run

@@ -13,7 +13,8 @@ import pytest
 from anyio.streams.text import TextReceiveStream
 from typer.testing import CliRunner
 
-from engine import Engine, JobState, SqliteStore, StartInstance
+from engine import Engine, JobState, StartInstance
+from engine._store import SqliteStore
 from engine.cli import app
 
 from .conftest import FakeCluster

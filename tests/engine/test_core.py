@@ -16,12 +16,11 @@ from engine import (
     InvalidOperation,
     JobState,
     Noop,
-    SqliteStore,
     StoreError,
     StopInstance,
-    op_from_dict,
 )
-from engine._store import SCHEMA_VERSION
+from engine._optable import op_from_dict
+from engine._store import SCHEMA_VERSION, SqliteStore
 from engine._locks import LockManager, instance_lock, node_lock, normalise
 
 from .conftest import open_engine, record

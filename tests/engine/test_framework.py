@@ -13,21 +13,20 @@ import pytest
 import structlog
 
 from engine import (
+    BUILTIN_WORKFLOWS,
     AdminState,
     Context,
     Engine,
     InstanceRecord,
     JobState,
-    LockRequest,
     Noop,
     Operation,
     Outcome,
-    SetPrimary,
     StartInstance,
     Workflow,
-    instance_lock,
-    register_workflow,
 )
+from engine._inventory import SetPrimary
+from engine._locks import LockRequest, instance_lock
 
 from .conftest import FakeCluster, open_engine, record
 
@@ -53,17 +52,17 @@ class PonrOp(Operation, frozen=True, kw_only=True, tag="test-ponr"):
     fail_after_ponr: bool = False
 
 
-@register_workflow(PonrOp)
 class PonrWorkflow(Workflow[PonrOp]):
+    OP = PonrOp
     async def run(self, ctx: Context) -> Any:
-        ctx.progress(phase="before")
+        ctx.journal.progress(phase="before")
         Gate.get("before-ponr").set()
         await Gate.get("go-ponr").wait()
-        await ctx.point_of_no_return("switched over")
+        await ctx.journal.point_of_no_return("switched over")
         Gate.get("after-ponr").set()
         await Gate.get("go-finish").wait()
         if self.op.move:
-            await ctx.call("n2", "get_node_info", idempotent=True, step="switch", inventory=[SetPrimary(instance=self.op.move, node="n2")])
+            await ctx.nodes.call("n2", idempotent=True, step="switch", inventory=[SetPrimary(instance=self.op.move, node="n2")]).get_node_info()
         if self.op.fail_after_ponr:
             raise RuntimeError("broke after the point of no return")
         return {"done": True}
@@ -76,8 +75,8 @@ class BadCompOp(Operation, frozen=True, kw_only=True, tag="test-bad-compensation
     pass
 
 
-@register_workflow(BadCompOp)
 class BadCompWorkflow(Workflow[BadCompOp]):
+    OP = BadCompOp
     COMPENSATION_TIMEOUT = 0.2
 
     async def run(self, ctx: Context) -> Any:
@@ -91,11 +90,11 @@ class ParentOp(Operation, frozen=True, kw_only=True, tag="test-parent"):
     children: int = 2
 
 
-@register_workflow(ParentOp)
 class ParentWorkflow(Workflow[ParentOp]):
+    OP = ParentOp
     async def run(self, ctx: Context) -> Any:
-        ids = [await ctx.submit_child(Noop(sleep=30)) for _ in range(self.op.children)]
-        jobs = [await ctx.wait_child(j) for j in ids]
+        ids = [await ctx.jobs.submit_child(Noop(sleep=30)) for _ in range(self.op.children)]
+        jobs = [await ctx.jobs.wait(j) for j in ids]
         return {"children": ids, "states": [j.state.value for j in jobs]}
 
 
@@ -114,8 +113,8 @@ class MigrateLike(Operation, frozen=True, kw_only=True, tag="test-migrate-like")
         super().validate(inventory, nodes)
 
 
-@register_workflow(MigrateLike)
 class MigrateLikeWorkflow(Workflow[MigrateLike]):
+    OP = MigrateLike
     async def run(self, ctx: Context) -> Any:
         await anyio.sleep_forever()
 
@@ -124,13 +123,20 @@ class PollOp(Operation, frozen=True, kw_only=True, tag="test-poll"):
     polls: int = 3
 
 
-@register_workflow(PollOp)
 class PollWorkflow(Workflow[PollOp]):
+    OP = PollOp
     async def run(self, ctx: Context) -> Any:
-        async with ctx.step("wait", node="n1") as step:
-            seen = [await ctx.read("n1", "get_node_info") for _ in range(self.op.polls)]
+        async with ctx.journal.step("wait", node="n1") as step:
+            seen = [await ctx.nodes.read("n1").get_node_info() for _ in range(self.op.polls)]
             step.result = {"polls": len(seen)}
         return {"free": seen[-1].memory_free}
+
+
+#: The built-in workflows plus this module's (an engine is given its table; nothing registers itself).
+WORKFLOWS = {
+    **BUILTIN_WORKFLOWS,
+    **{str(cls.OP.__struct_config__.tag): cls for cls in (PonrWorkflow, BadCompWorkflow, ParentWorkflow, MigrateLikeWorkflow, PollWorkflow)},
+}
 
 
 @pytest.fixture(autouse=True)
@@ -145,7 +151,7 @@ async def _running(engine: Engine, job_id: int) -> None:
 
 
 async def test_cancel_before_and_after_point_of_no_return(local_cluster: FakeCluster, store_path: Path) -> None:
-    async with local_cluster.engine(store_path) as engine:
+    async with local_cluster.engine(store_path, workflows=WORKFLOWS) as engine:
         early = await engine.submit(PonrOp())
         await Gate.get("before-ponr").wait()
         assert await engine.cancel(early, reason="in time") is JobState.CANCELLED
@@ -181,7 +187,7 @@ async def test_cancel_before_and_after_point_of_no_return(local_cluster: FakeClu
 
 
 async def test_failure_after_point_of_no_return_skips_compensation(empty_transport: Any, store_path: Path) -> None:
-    async with open_engine(store_path, empty_transport) as engine:
+    async with open_engine(store_path, empty_transport, workflows=WORKFLOWS) as engine:
         job_id = await engine.submit(PonrOp(fail_after_ponr=True))
         Gate.get("go-ponr").set()
         Gate.get("go-finish").set()
@@ -193,7 +199,7 @@ async def test_failure_after_point_of_no_return_skips_compensation(empty_transpo
 
 
 async def test_compensation_timeout_fails_the_job(empty_transport: Any, store_path: Path) -> None:
-    async with open_engine(store_path, empty_transport) as engine:
+    async with open_engine(store_path, empty_transport, workflows=WORKFLOWS) as engine:
         job_id = await engine.submit(BadCompOp())
         await _running(engine, job_id)
         with anyio.fail_after(10):
@@ -204,7 +210,7 @@ async def test_compensation_timeout_fails_the_job(empty_transport: Any, store_pa
 
 
 async def test_cancelling_parent_cancels_children(empty_transport: Any, store_path: Path) -> None:
-    async with open_engine(store_path, empty_transport) as engine:
+    async with open_engine(store_path, empty_transport, workflows=WORKFLOWS) as engine:
         parent = await engine.submit(ParentOp(children=2))
         await _running(engine, parent)
         children: list[int] = []
@@ -223,7 +229,7 @@ async def test_cancelling_parent_cancels_children(empty_transport: Any, store_pa
 
 async def test_migrations_per_node_limit(empty_transport: Any, store_path: Path) -> None:
     instances = {n: record(n, "n1") for n in ("a", "b", "c")}
-    async with open_engine(store_path, empty_transport, instances=instances, max_migrations_per_node=1) as engine:
+    async with open_engine(store_path, empty_transport, workflows=WORKFLOWS, instances=instances, max_migrations_per_node=1) as engine:
         first = await engine.submit(MigrateLike(instance="a", target="n2"))
         await _running(engine, first)
         second = await engine.submit(MigrateLike(instance="b", target="n3"))  # shares source n1
@@ -236,7 +242,7 @@ async def test_migrations_per_node_limit(empty_transport: Any, store_path: Path)
 
 
 async def test_log_lines_carry_job_op_step_node(local_cluster: FakeCluster, store_path: Path) -> None:
-    async with local_cluster.engine(store_path) as engine:
+    async with local_cluster.engine(store_path, workflows=WORKFLOWS) as engine:
         with structlog.testing.capture_logs() as logs:
             job = await engine.wait(await engine.submit(StartInstance(instance="web1")))
         assert job.state is JobState.SUCCEEDED
@@ -247,7 +253,7 @@ async def test_log_lines_carry_job_op_step_node(local_cluster: FakeCluster, stor
 
 
 async def test_reads_in_a_polling_step_are_one_journal_entry(local_cluster: FakeCluster, store_path: Path) -> None:
-    async with local_cluster.engine(store_path) as engine:
+    async with local_cluster.engine(store_path, workflows=WORKFLOWS) as engine:
         job = await engine.wait(await engine.submit(PollOp(polls=3)))
         assert job.state is JobState.SUCCEEDED, job.error
         assert [(s.name, s.result) for s in job.steps] == [("wait", {"polls": 3})]

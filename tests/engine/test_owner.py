@@ -16,7 +16,8 @@ from typing import Any
 import anyio
 import pytest
 
-from engine import EngineBusy, JobNotFound, JobState, Noop, SqliteStore
+from engine import EngineBusy, JobNotFound, JobState, Noop
+from engine._store import SqliteStore
 
 from .conftest import FakeCluster
 
@@ -185,7 +186,7 @@ async def test_owner_role_refuses_while_another_engine_owns(local_cluster: FakeC
 UMASK_SCRIPT = textwrap.dedent(
     """
     import os, sys, anyio
-    from engine import SqliteStore
+    from engine._store import SqliteStore
     os.umask(0)
 
     async def main(path):

@@ -175,6 +175,27 @@ def test_check_validity_runs_node_side_checks(tmp_path) -> None:
     params.check_validity(TABLE, good(kernel_path=os.fspath(f)))
 
 
+@pytest.mark.parametrize(
+    ("check", "fails"), [(params.check_syntax, "fails syntax check"), (params.check_validity, "fails validation")]
+)
+@pytest.mark.parametrize(
+    ("hvparams", "words"),
+    [
+        ({k: v for k, v in good().items() if k != "vnc_port"}, ["'vnc_port'", "missing", "'test'"]),
+        (good(must=""), ["'must'", "required", "''", "'test'"]),
+        (["kernel_path"], ["hvparams must be a mapping", "'test'", "list"]),
+        (good(cpu_mask=5), ["'cpu_mask'", "{fails}", "(value: 5)", "'test'"]),
+    ],
+)
+def test_both_passes_apply_one_rule_set(check, fails: str, hvparams: object, words: list[str], monkeypatch) -> None:
+    """Syntax and validity are one loop over the two halves of a check: same rules, each its own wording."""
+    monkeypatch.setattr(params, "node_possible_cpus", lambda path=params.POSSIBLE_CPUS_FILE: [(0, 3)])
+    with pytest.raises(ParameterError) as err:
+        check(TABLE, hvparams, hypervisor="test")
+    for word in words:
+        assert word.format(fails=fails) in str(err.value)
+
+
 # --- bounded CPU masks (issue 9, item 6) ---------------------------------------
 
 

@@ -25,7 +25,7 @@ async def main(role: str, state_dir: str, node: str, arg: str) -> None:
         elif role == "source":
             spec = hv.Instance(name="web1", beparams=hv.BeParams(minmem=64, maxmem=64))
             await driver.start_instance(spec)
-            await driver.migrate_instance("c1", spec, arg, True)
+            await driver.migrate_instance(spec, arg, True)
             print("migrating", flush=True)
         else:
             raise SystemExit(f"unknown role {role!r}")

@@ -42,8 +42,11 @@ async def make_node(tmp_path: Path) -> AsyncIterator[NodeFactory]:
 class KillableProxy:
     """A real TCP forwarder between two nodes that a test can kill mid-stream."""
 
-    def __init__(self, target_host: str, target_port: int) -> None:
+    def __init__(self, target_host: str, target_port: int, *, freeze_after: int | None = None) -> None:
         self.target = (target_host, target_port)
+        #: Freeze by itself once this many bytes went forward: the fault lands at a
+        #: point of the stream, not at a moment (a busy machine cannot move it).
+        self.freeze_after = freeze_after
         self.forwarded = 0
         self.scope = anyio.CancelScope()
         self.port = 0
@@ -66,8 +69,14 @@ class KillableProxy:
                             await anyio.sleep_forever()
                         if count:
                             self.forwarded += len(data)
+                            if self.freeze_after is not None and self.forwarded >= self.freeze_after:
+                                self.frozen = True
+                                await anyio.sleep_forever()
                         await dst.send(data)
-                    await dst.send_eof()
+                    if not self.frozen:
+                        await dst.send_eof()
+                if self.frozen:  # not even the end of a stream (or a reset) crosses a black hole
+                    await anyio.sleep_forever()
 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(pipe, client, upstream, True)

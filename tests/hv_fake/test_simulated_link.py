@@ -97,7 +97,7 @@ async def test_migration_over_an_in_memory_link(make_node: NodeFactory, tmp_path
     info = await src.migration_info(spec)
     address = await dst.accept_instance(spec, info, "sim-dst")
     assert address == "tcp:sim-dst:40000"
-    await src.migrate_instance("c1", spec, address, True)
+    await src.migrate_instance(spec, address, True)
     final = (await wait_status(src, spec, lambda s: s.is_final))[-1]
     assert final.status == "completed" and final.ram_transferred == 16 * MIB
     await dst.finalize_migration_dst(spec, info, True)
@@ -106,7 +106,7 @@ async def test_migration_over_an_in_memory_link(make_node: NodeFactory, tmp_path
     # Nothing listens on that port any more: refused, and the source runs on.
     other = inst("db1", 16)
     await src.start_instance(other)
-    await src.migrate_instance("c1", other, "tcp:sim-dst:40000", True)
+    await src.migrate_instance(other, "tcp:sim-dst:40000", True)
     st = await src.get_migration_status(other)
     assert st.status == "failed" and "refused" in (st.error or "")
     info2 = await src.get_instance_info("db1")

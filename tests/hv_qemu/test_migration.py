@@ -32,7 +32,10 @@ async def _setup(nodes: Nodes, inst: hv.Instance) -> tuple[QemuHypervisor, QemuH
 
 
 async def test_live_migration_prefilled(nodes: Nodes, prefilled_256: Path) -> None:
-    inst = instance(mem=256, mem_path=str(prefilled_256), migration_bandwidth=1024)
+    # 256 MiB at 64 MiB/s: about four seconds of copying, so the 1 s long polls below
+    # see it active several times even on a starved machine (at 1 GiB/s it could be
+    # over before the first poll returned).
+    inst = instance(mem=256, mem_path=str(prefilled_256), migration_bandwidth=64)
     src, dst, info, target = await _setup(nodes, inst)
     assert target.startswith("tcp:127.0.0.1:495")
     incoming = await dst.get_instance_info("vm1")
@@ -40,7 +43,7 @@ async def test_live_migration_prefilled(nodes: Nodes, prefilled_256: Path) -> No
     src_pid = _pid(src)
 
     began = anyio.current_time()
-    await src.migrate_instance("cluster", inst, target, live=True)
+    await src.migrate_instance(inst, target, live=True)
     seen: list[hv.MigrationStatus] = []
     with anyio.fail_after(30):
         while not (st := await src.get_migration_status(inst, wait=1.0)).is_final:
@@ -70,7 +73,7 @@ async def test_live_migration_prefilled(nodes: Nodes, prefilled_256: Path) -> No
 async def test_cancel_midway_source_runs_again(nodes: Nodes, prefilled_256: Path) -> None:
     inst = instance(mem=256, mem_path=str(prefilled_256), migration_bandwidth=32)
     src, dst, info, target = await _setup(nodes, inst)
-    await src.migrate_instance("cluster", inst, target, live=True)
+    await src.migrate_instance(inst, target, live=True)
     # QEMU computes the rate per interval (~100 ms): the first readings say 0.
     st = await wait_status(src, inst, lambda s: s.status == "active" and bool(s.rate_bps))
     assert st.ram_remaining > 64 << 20 and st.ram_transferred > 0 and st.rate_bps and st.rate_bps < 64e6
@@ -91,7 +94,7 @@ async def test_cancel_midway_source_runs_again(nodes: Nodes, prefilled_256: Path
 async def test_target_killed_midway(nodes: Nodes, prefilled_256: Path) -> None:
     inst = instance(mem=256, mem_path=str(prefilled_256), migration_bandwidth=32)
     src, dst, info, target = await _setup(nodes, inst)
-    await src.migrate_instance("cluster", inst, target, live=True)
+    await src.migrate_instance(inst, target, live=True)
     await wait_status(src, inst, lambda s: s.status == "active" and s.ram_transferred > 0)
 
     os.kill(_pid(dst), signal.SIGKILL)
@@ -109,7 +112,7 @@ async def test_target_killed_midway(nodes: Nodes, prefilled_256: Path) -> None:
 async def test_non_live_migration(nodes: Nodes) -> None:
     inst = instance(mem=128)
     src, dst, info, target = await _setup(nodes, inst)
-    await src.migrate_instance("cluster", inst, target, live=False)
+    await src.migrate_instance(inst, target, live=False)
     st = await wait_status(src, inst, lambda s: s.is_final)
     assert st.status == "completed"
     # The source was paused before sending: the target arrives paused and finalize resumes it.
@@ -125,7 +128,7 @@ async def test_non_live_failure_resumes_source(nodes: Nodes) -> None:
     src = nodes.make("src")
     inst = instance(mem=64)
     await src.start_instance(inst)
-    await src.migrate_instance("cluster", inst, "tcp:127.0.0.1:9", live=False)
+    await src.migrate_instance(inst, "tcp:127.0.0.1:9", live=False)
     assert (await src.get_instance_info("vm1")).runstate in ("paused", "finish-migrate")  # type: ignore[union-attr]
     st = await wait_status(src, inst, lambda s: s.is_final)
     assert st.status == "failed" and st.error
@@ -152,10 +155,10 @@ async def test_accept_allocates_distinct_ports_and_checks_input(nodes: Nodes) ->
     with pytest.raises(hv.MigrationError, match="is for instance 'a'"):
         await dst.accept_instance(c, await src.migration_info(a), "")
     with pytest.raises(hv.MigrationError, match="bad migration target"):
-        await src.migrate_instance("cluster", a, "127.0.0.1; rm -rf /", live=True)
+        await src.migrate_instance(a, "127.0.0.1; rm -rf /", live=True)
     # Both migrations run at once, each to its own port.
-    await src.migrate_instance("cluster", a, ta, live=True)
-    await src.migrate_instance("cluster", b, tb, live=True)
+    await src.migrate_instance(a, ta, live=True)
+    await src.migrate_instance(b, tb, live=True)
     for inst in (a, b):
         assert (await wait_status(src, inst, lambda s: s.is_final)).status == "completed"
         await dst.finalize_migration_dst(inst, "", success=True)
@@ -171,7 +174,7 @@ async def test_migration_carries_hotplugged_devices(nodes: Nodes) -> None:
     await src.hot_add_device(inst, "nic", hv.Nic(mac="52:54:00:aa:bb:cc"), None, 3)
     info = await src.migration_info(inst)
     target = await dst.accept_instance(inst, info, "")
-    await src.migrate_instance("cluster", inst, target, live=True)
+    await src.migrate_instance(inst, target, live=True)
     assert (await wait_status(src, inst, lambda s: s.is_final)).status == "completed"
     await dst.finalize_migration_dst(inst, info, success=True)
     await src.finalize_migration_source(inst, success=True, live=True)

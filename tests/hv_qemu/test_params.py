@@ -62,3 +62,14 @@ async def test_verify_and_describe(tmp_path: Path) -> None:
         assert "KVM is not usable" in (await drv.verify({"accel": "kvm"}) or "")
     assert "not supported" in (await drv.verify({"bogus": 1}) or "")
     await drv.aclose()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("method", ["hot_add_device", "hot_del_device"])
+@pytest.mark.parametrize("seq", ["1; rm", -1, 1.5, True, None])
+async def test_hotplug_seq_is_checked_before_anything_runs(tmp_path: Path, method: str, seq: object) -> None:
+    """A bad ``seq`` is one HotplugError naming it, before QEMU or the run directory is looked at."""
+    drv = QemuHypervisor(tmp_path / "run", node="n1")
+    with pytest.raises(hv.HotplugError, match="hotplug seq must be a non-negative integer") as err:
+        await getattr(drv, method)(hv.Instance(name="absent"), "nic", None, None, seq)
+    assert err.value.node == "n1"

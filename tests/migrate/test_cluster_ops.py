@@ -108,7 +108,7 @@ async def test_reconcile_finishes_an_orphaned_completed_migration(make_env) -> N
         n1, n2 = env.transport.node("n1"), env.transport.node("n2")
         info = await n1.migration_info(spec())
         address = await n2.accept_instance(spec(), info, "")
-        await n1.migrate_instance("c", spec(), address, True)
+        await n1.migrate_instance(spec(), address, True)
         with anyio.fail_after(10):
             while not (await n1.get_migration_status(spec(), wait=1.0)).is_final:
                 pass

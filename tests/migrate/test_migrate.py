@@ -114,8 +114,10 @@ async def test_progress_cadence_and_completion_notice_latency(make_env) -> None:
 async def test_cluster_default_policy_and_per_job_override(make_env) -> None:
     from engine import MigrationPolicy
 
-    async with make_env(instances={"web1": ("n1", spec(mem=64))}, settings={"bandwidth": 64 * MIB, "dirty_rate": 128 * MIB}) as env:
-        env.engine.migration_policy = MigrationPolicy(stall_window=0.3, downtime_step_ms=100, downtime_max_ms=400, status_wait=0.2)
+    cluster_default = MigrationPolicy(stall_window=0.3, downtime_step_ms=100, downtime_max_ms=400, status_wait=0.2)
+    async with make_env(
+        instances={"web1": ("n1", spec(mem=64))}, settings={"bandwidth": 64 * MIB, "dirty_rate": 128 * MIB}, migration_policy=cluster_default
+    ) as env:
         job_id = await env.engine.submit(Migrate(instance="web1", target="n2", policy={"on_timeout": "force-complete"}))
         job = await env.engine.wait(job_id)
         assert job.state is JobState.SUCCEEDED, job.error

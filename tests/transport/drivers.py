@@ -19,6 +19,27 @@ import anyio
 import hv
 
 
+class StreamStalledLike(hv.MigrationError):
+    """A driver's own error subclass, unknown to the engine: like hv.fake's StreamStalled."""
+
+
+class DiskTimeout(hv.HypervisorTimeout):
+    """A driver's own HypervisorTimeout subclass: must stay a TimeoutError on the engine side."""
+
+
+class BadMask(hv.ParseError):
+    """Two known ancestors deep, one of them also a ValueError."""
+
+
+#: What ``verify(hvparams={"fail": KEY})`` raises on the node.
+FAILURES: dict[str, type[hv.HypervisorError]] = {
+    "stalled": StreamStalledLike,
+    "disk-timeout": DiskTimeout,
+    "bad-mask": BadMask,
+    "param-value": hv.ParameterValueError,
+}
+
+
 class RecordingHypervisor(hv.BaseHypervisor):
     NAME = "recording"
 
@@ -78,7 +99,9 @@ class RecordingHypervisor(hv.BaseHypervisor):
         return hv.NodeInfo(memory_total=4096, memory_free=2048, memory_dom0=512, cpu_total=2, cpu_dom0=2, cpu_nodes=1, cpu_sockets=1, hv_name="recording")
 
     async def verify(self, hvparams=None) -> str | None:
-        """Slow on purpose when hvparams says so: the cancellation target."""
+        """Slow on purpose when hvparams says so (the cancellation target), or fails as told."""
+        if hvparams and hvparams.get("fail"):
+            raise FAILURES[hvparams["fail"]](f"verify failed: {hvparams['fail']}", node=self.node)
         if hvparams and hvparams.get("sleep"):
             self._event("begin", method="verify")
             try:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import transport
-from transport import ConfigError, load_cluster
+from transport import ConfigError, load_cluster_config
 
 GOOD = """
 [cluster]
@@ -50,7 +50,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_good_file_loads_with_inherited_and_resolved_values(tmp_path: Path) -> None:
-    cluster = load_cluster(write(tmp_path, GOOD))
+    cluster = load_cluster_config(write(tmp_path, GOOD))
     assert cluster.name == "lab" and cluster.keepalive_interval == 0.5 and cluster.keepalive_count_max == 2
     n1, n2, local = cluster.nodes["n1"], cluster.nodes["n2"], cluster.nodes["local1"]
     assert (n1.port, n1.user, n1.hypervisor, n1.hv_options) == (22, "herd", "kvm", {"run_dir": "/run/herd"})
@@ -64,8 +64,41 @@ def test_good_file_loads_with_inherited_and_resolved_values(tmp_path: Path) -> N
     ]
     assert local.transport == "local"
     # The description round-trips through TOML.
-    again = load_cluster(write(tmp_path, cluster.to_toml()))
+    again = load_cluster_config(write(tmp_path, cluster.to_toml()))
     assert again.nodes == cluster.nodes
+    assert again.connect_settings() == cluster.connect_settings()
+
+
+def test_ssh_settings_of_a_node_come_from_the_node_and_the_cluster_knobs(tmp_path: Path) -> None:
+    cluster = load_cluster_config(write(tmp_path, GOOD))
+    ssh = cluster.ssh_settings("n2")
+    assert isinstance(ssh, transport.SshSettings)
+    assert (ssh.node, ssh.host, ssh.port, ssh.username) == ("n2", "10.0.0.2", 2222, "ops")
+    assert (ssh.identity_file, ssh.known_hosts) == (str(tmp_path / "keys/id_ed25519"), str(tmp_path / "known_hosts"))
+    assert (ssh.keepalive_interval, ssh.keepalive_count_max, ssh.connect_timeout, ssh.agent_start_timeout) == (0.5, 2, 10.0, 10.0)
+    marker = object()
+    options = ssh.asyncssh_options(marker)
+    assert options["known_hosts"] is marker and options["client_keys"] == [ssh.identity_file]
+    assert (options["port"], options["username"], options["login_timeout"]) == (2222, "ops", 10.0)
+    # Key authentication only: no ssh-agent, no forwarding, no password, no ~/.ssh/config.
+    assert options["agent_path"] is None and options["agent_forwarding"] is False and options["password"] is None
+    assert options["config"] == [] and options["preferred_auth"] == "publickey"
+
+
+@pytest.mark.parametrize(
+    ("node", "known_hosts", "expected"),
+    [
+        pytest.param("n9", "kh", r"\[nodes.n9\]: no such node", id="unknown-node"),
+        pytest.param("n1", None, r"\[nodes.n1\] known_hosts: required for the ssh transport", id="no-known-hosts"),
+    ],
+)
+def test_ssh_settings_refuse_what_cannot_be_reached(node: str, known_hosts: str | None, expected: str) -> None:
+    cluster = transport.ClusterConfig(
+        name="c", nodes={"n1": transport.NodeConfig(name="n1", known_hosts=known_hosts)}, source="c.toml"
+    )
+    with pytest.raises(ConfigError, match=expected) as info:
+        cluster.ssh_settings(node)
+    assert info.value.node == node and str(info.value.message).startswith("c.toml: ")
 
 
 @pytest.mark.parametrize(
@@ -89,7 +122,7 @@ def test_good_file_loads_with_inherited_and_resolved_values(tmp_path: Path) -> N
 def test_bad_files_name_file_key_and_reason(tmp_path: Path, text: str, key: str, reason: str) -> None:
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as caught:
-        load_cluster(path)
+        load_cluster_config(path)
     message = str(caught.value)
     assert message.startswith(f"{path}: "), message
     assert f": {key}: " in message or not key, message
@@ -98,7 +131,7 @@ def test_bad_files_name_file_key_and_reason(tmp_path: Path, text: str, key: str,
 
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
-        load_cluster(tmp_path / "nope.toml")
+        load_cluster_config(tmp_path / "nope.toml")
 
 
 async def _local_cluster_roundtrip(tmp_path: Path) -> None:
@@ -107,10 +140,10 @@ async def _local_cluster_roundtrip(tmp_path: Path) -> None:
         f"[cluster]\nname='x'\n[nodes.a]\ntransport='local'\nhypervisor='tests.transport.drivers:RecordingHypervisor'\n"
         f"[nodes.a.hv_options]\nstate_dir='{tmp_path / 'a'}'\n",
     )
-    async with transport.connect(load_cluster(path)) as t:
+    async with transport.connect(load_cluster_config(path)) as t:
         assert isinstance(t, transport.LocalTransport)
         assert (await t.node("a").ping())["node"] == "a"
-    async with transport.LocalTransport(load_cluster(path)) as t:
+    async with transport.LocalTransport(load_cluster_config(path)) as t:
         assert (await t.node("a").ping())["hypervisor"] == "recording"
 
 

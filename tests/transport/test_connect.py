@@ -64,7 +64,7 @@ async def test_known_hosts_problem_is_a_config_error_naming_the_file(
     breakit(cluster.known_hosts)
     # At load time: the cluster file names it, as a one-line ConfigError.
     with pytest.raises(transport.ConfigError) as caught:
-        transport.load_cluster(cluster.config_path)
+        transport.load_cluster_config(cluster.config_path)
     message = str(caught.value)
     assert message.startswith(f"{cluster.config_path}: [nodes.n1] known_hosts: {expected}"), message
     assert str(cluster.known_hosts) in message and "\n" not in message

@@ -13,6 +13,7 @@ import transport
 from transport.config import ClusterConfig, NodeConfig
 from hv.fake import FakeHypervisor
 from transport.testing import LocalCluster
+from tests._load import warm_call_deadline
 
 from .util import eventually
 
@@ -107,7 +108,7 @@ async def test_live_migration_between_two_fake_nodes(fake: FakeSetup) -> None:
     await src.start_instance(INST)
     info = await src.migration_info(INST)
     address = await dst.accept_instance(INST, info, "127.0.0.1")
-    await src.migrate_instance("t", INST, address, True)
+    await src.migrate_instance(instance=INST, target=address, live=True)
     readings: list[hv.MigrationStatus] = []
     with anyio.fail_after(20):
         while True:
@@ -126,9 +127,12 @@ async def test_live_migration_between_two_fake_nodes(fake: FakeSetup) -> None:
 
 
 async def test_cancelled_call_is_journaled_cancelled_on_the_fake_node(fake: FakeSetup) -> None:
+    node = fake.transport.node("n2")
+    # A warm connection: the deadline times the call, not the connect (SSH, agent start).
+    deadline = await warm_call_deadline(node)
     FakeHypervisor.configure(fake.state_dirs["n2"], faults={"get_node_info": {"hang": True}})
     with pytest.raises(transport.CallTimeout):
-        await fake.transport.node("n2").get_node_info(call_timeout=0.5)
+        await node.get_node_info(call_timeout=deadline)
 
     def cancelled() -> bool:
         events = FakeHypervisor.read_events(fake.state_dirs["n2"])

@@ -11,7 +11,10 @@ import hv
 import transport
 from transport.client import AgentConnection
 
+from tests._load import warm_call_deadline
+
 from .conftest import Setup
+from .drivers import FAILURES
 from .util import eventually
 
 pytestmark = pytest.mark.anyio
@@ -56,6 +59,28 @@ async def test_driver_errors_come_back_as_the_same_class_with_node(setup: Setup)
         await node.powercycle_node()
 
 
+@pytest.mark.parametrize(
+    ("fail", "expected", "also"),
+    [
+        pytest.param("stalled", hv.MigrationError, (), id="migration-subclass"),
+        pytest.param("disk-timeout", hv.HypervisorTimeout, (TimeoutError,), id="timeout-subclass"),
+        pytest.param("bad-mask", hv.ParseError, (ValueError,), id="two-deep"),
+        pytest.param("param-value", hv.ParameterValueError, (hv.ParameterError, ValueError), id="known-exact"),
+    ],
+)
+async def test_driver_error_subclass_arrives_as_nearest_known_class(
+    setup: Setup, fail: str, expected: type, also: tuple[type, ...]
+) -> None:
+    """A driver's own error class arrives as its nearest public hv ancestor, message, node and name kept."""
+    with pytest.raises(hv.HypervisorError) as caught:
+        await setup.transport.node("n2").verify({"fail": fail})
+    err = caught.value
+    assert type(err) is expected
+    assert all(isinstance(err, cls) for cls in also)
+    assert err.node == "n2" and err.message == f"verify failed: {fail}"
+    assert err.remote_type == FAILURES[fail].__name__
+
+
 async def test_bad_arguments_are_refused_before_sending(setup: Setup) -> None:
     node = setup.transport.node("n1")
     with pytest.raises(TypeError):
@@ -91,11 +116,13 @@ async def test_cancel_reaches_the_node_and_its_cleanup_runs(setup: Setup) -> Non
 
 async def test_call_timeout_names_node_method_deadline_and_cancels(setup: Setup) -> None:
     node = setup.transport.node("n2")
+    # A warm connection: the deadline times the call, not the connect (SSH, agent start).
+    deadline = await warm_call_deadline(node)
     with pytest.raises(transport.CallTimeout) as caught:
-        await node.verify({"sleep": 30}, call_timeout=0.5)
+        await node.verify({"sleep": 30}, call_timeout=deadline)
     err = caught.value
     assert isinstance(err, TimeoutError) and err.node == "n2"
-    assert "verify" in str(err) and "0.5s" in str(err)
+    assert "verify" in str(err) and f"{deadline:g}s" in str(err)
     await eventually(lambda: any(e["event"] == "cleanup" for e in setup.events("n2")), what="cleanup on the node")
 
 

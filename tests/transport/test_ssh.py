@@ -13,6 +13,7 @@ import pytest
 import hv
 import transport
 from transport.testing import LocalCluster
+from tests._load import warm_call_deadline
 
 from .conftest import RECORDING
 from .drivers import RecordingHypervisor
@@ -172,8 +173,9 @@ async def test_real_openssh_sshd(tmp_path: Path) -> None:
             with pytest.raises(hv.InstanceNotFound) as caught:
                 await n2.stop_instance(inst)
             assert caught.value.node == "n2"
+            deadline = await warm_call_deadline(n2)  # times the call, not a reconnect
             with pytest.raises(transport.CallTimeout):
-                await n2.verify({"sleep": 30}, call_timeout=0.5)
+                await n2.verify({"sleep": 30}, call_timeout=deadline)
             await eventually(lambda: _cleanups(lc, "n2") == 1, what="cleanup on n2 under sshd")
 
             async def ping(i: int) -> None:
